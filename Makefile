@@ -1,0 +1,30 @@
+# fedscan: `make run` and `make test` work on a fresh machine (they create .venv).
+PYTHON ?= python3.11
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# Every pip call goes through the constraints file: torch==2.13.0 installs from the
+# local CPU wheel; anything looser would download a multi-GB CUDA build.
+PIP := $(PY) -m pip --disable-pip-version-check
+CONSTRAINTS := constraints.txt
+STAMP := $(VENV)/.fedscan-installed
+
+.PHONY: install run test bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml $(CONSTRAINTS)
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
+	PIP_CONSTRAINT=$(abspath $(CONSTRAINTS)) $(PIP) install -c $(CONSTRAINTS) -e '.[test]'
+	@touch $@
+
+run: $(STAMP)
+	$(VENV)/bin/fedscan run
+
+test: $(STAMP)
+	$(VENV)/bin/pytest -q
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_federation.py
+
+clean:
+	rm -rf .cache .flwr .ray outputs .pytest_cache

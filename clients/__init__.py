@@ -1,0 +1,1 @@
+"""What a hospital runs: local training and evaluation, and the Flower ClientApp adapter."""

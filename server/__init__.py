@@ -1,0 +1,1 @@
+"""The server side: strategies, global evaluation, run outputs, the ServerApp adapter and the CLI."""

@@ -1,0 +1,137 @@
+"""A run's folder: ``config.json``, ``metrics.csv`` (long format) and ``summary.md``.
+
+Each run writes ``<output-dir>/<run-id>/`` and points ``<output-dir>/latest`` at it.
+Run folders are created exclusively, so runs never overwrite each other; metric rows are
+appended and flushed as they arrive, so a crashed run still leaves its history.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import platform
+import time
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+METRICS_COLUMNS = ("round", "site", "split", "metric", "value")
+PACKAGES = ("fedscan", "flwr", "torch", "monai", "opacus", "ray", "nilearn", "numpy", "pandas", "cryptography")
+
+
+@dataclass(frozen=True)
+class MetricRow:
+    """One line of ``metrics.csv``; ``site`` is a hospital id or ``"global"``."""
+
+    round: int
+    site: str
+    split: str
+    metric: str
+    value: float
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+@dataclass
+class RunOutputs:
+    """The files of one run. Create with :meth:`create`."""
+
+    run_dir: Path
+    _rows: list[MetricRow] = field(default_factory=list)
+
+    @classmethod
+    def create(cls, output_dir: str | Path, run_name: str) -> RunOutputs:
+        """Make a new, never-before-used run folder and point ``latest`` at it."""
+        root = Path(output_dir)
+        root.mkdir(parents=True, exist_ok=True)
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        for attempt in range(1000):
+            suffix = f"-{attempt}" if attempt else ""
+            run_dir = root / f"{stamp}-{run_name}{suffix}"
+            try:
+                run_dir.mkdir()
+                break
+            except FileExistsError:
+                continue
+        else:  # pragma: no cover - 1000 runs in one second
+            raise RuntimeError(f"could not create a fresh run folder under {root}")
+        tmp_link = root / f".latest-{os.getpid()}"
+        tmp_link.unlink(missing_ok=True)
+        tmp_link.symlink_to(run_dir.name)
+        os.replace(tmp_link, root / "latest")
+        with (run_dir / "metrics.csv").open("w", newline="") as fh:
+            csv.writer(fh).writerow(METRICS_COLUMNS)
+        return cls(run_dir=run_dir)
+
+    def write_config(self, config: dict[str, Any], **extra: Any) -> None:
+        record = {"config": config, "versions": package_versions(), **extra}
+        (self.run_dir / "config.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
+
+    def add(self, rows: Iterable[MetricRow]) -> None:
+        new = list(rows)
+        self._rows.extend(new)
+        with (self.run_dir / "metrics.csv").open("a", newline="") as fh:
+            writer = csv.writer(fh)
+            for r in new:
+                writer.writerow([r.round, r.site, r.split, r.metric, repr(float(r.value))])
+
+    def metrics(self) -> pd.DataFrame:
+        return pd.DataFrame([asdict(r) for r in self._rows], columns=list(METRICS_COLUMNS))
+
+    def write_summary(self, title: str, details: dict[str, Any]) -> str:
+        """Write ``summary.md`` (final-round table per site) and return its text."""
+        text = render_summary(self.metrics(), title, details)
+        (self.run_dir / "summary.md").write_text(text)
+        return text
+
+
+def final_table(metrics: pd.DataFrame) -> pd.DataFrame:
+    """Last-round metrics per (site, split) as a wide table: one row per site and split."""
+    if metrics.empty:
+        return pd.DataFrame()
+    last = metrics[metrics["round"] == metrics["round"].max()]
+    wide = last.pivot_table(index=["site", "split"], columns="metric", values="value", aggfunc="first")
+    dice_cols = ["dice_mean"] + sorted(c for c in wide.columns if c.startswith("dice_") and c != "dice_mean")
+    other = [c for c in ("train_loss",) if c in wide.columns]
+    wide = wide[[c for c in dice_cols if c in wide.columns] + other]
+    order = sorted(wide.index, key=lambda k: (k[0] == "global", int(k[0]) if k[0].isdigit() else math.inf, k[1]))
+    return wide.loc[order]
+
+
+def render_summary(metrics: pd.DataFrame, title: str, details: dict[str, Any]) -> str:
+    table = final_table(metrics)
+    lines = [f"# {title}", ""]
+    lines += [f"- **{k}**: {v}" for k, v in details.items()]
+    lines += ["", f"## Final round ({int(metrics['round'].max()) if not metrics.empty else 0})", ""]
+    if table.empty:
+        lines.append("No metrics were recorded.")
+    else:
+        cols = list(table.columns)
+        lines.append("| site | split | " + " | ".join(cols) + " |")
+        lines.append("|---|---|" + "---|" * len(cols))
+        for (site, split), row in table.iterrows():
+            cells = ["" if pd.isna(row[c]) else f"{row[c]:.4f}" for c in cols]
+            lines.append(f"| {site} | {split} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "`site` is a hospital id (`partition-id`) or `global`: `global/test` is the patient-weighted",
+        "mean over hospitals' test splits, `global/holdout` the server's evaluation on the pooled",
+        "held-out patients of every hospital. Dice is MONAI `DiceMetric` per patient",
+        "(`ignore_empty=False`), averaged over patients; `dice_mean` is over foreground classes.",
+        "",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,80 @@
+"""The Flower ServerApp: a thin adapter that wires config, strategy and run outputs."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+from logging import INFO
+
+from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.common.logger import log
+from flwr.serverapp import Grid, ServerApp
+
+from server.evaluation import GlobalEvaluator
+from server.outputs import RunOutputs
+from server.site_metrics import SiteMetrics
+from server.strategies import make_strategy
+from sims.anatomy import class_names
+from sims.config import config_from_run_config
+from sims.hospitals import make_federation
+from sims.model import make_model
+
+app = ServerApp()
+
+
+def _wait_for_hospitals(grid: Grid, timeout: float = 60.0) -> int:
+    """Number of connected SuperNodes, once it has stopped changing."""
+    deadline = time.monotonic() + timeout
+    previous, stable_since = -1, time.monotonic()
+    while time.monotonic() < deadline:
+        count = len(list(grid.get_node_ids()))
+        if count != previous:
+            previous, stable_since = count, time.monotonic()
+        elif count > 0 and time.monotonic() - stable_since > 0.5:
+            return count
+        time.sleep(0.1)
+    if previous <= 0:
+        raise RuntimeError("No hospitals connected: the federation needs num-supernodes >= 1.")
+    return previous
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    config = config_from_run_config(context.run_config)
+    num_hospitals = _wait_for_hospitals(grid)
+    specs = make_federation(config.world, num_hospitals)
+    outputs = RunOutputs.create(config.output_dir, f"run{context.run_id}")
+    outputs.write_config(
+        config.to_dict(),
+        seed=config.seed,
+        num_hospitals=num_hospitals,
+        flower_run_id=context.run_id,
+        hospitals=[asdict(s) for s in specs],
+    )
+    log(INFO, "fedscan: %d hospitals, outputs in %s", num_hospitals, outputs.run_dir)
+
+    classes = class_names(config.world.lesions)
+    model = make_model(len(classes), config.train.unet_channels, seed=config.seed)
+    strategy = make_strategy(config.train, num_hospitals, SiteMetrics(outputs.add))
+    evaluator = GlobalEvaluator(config, specs, make_model(len(classes), config.train.unet_channels), outputs.add)
+    started = time.monotonic()
+    strategy.start(
+        grid=grid,
+        initial_arrays=ArrayRecord(model.state_dict()),
+        num_rounds=config.train.num_server_rounds,
+        train_config=ConfigRecord(),
+        evaluate_fn=evaluator,
+    )
+    outputs.write_summary(
+        "fedscan run summary",
+        {
+            "run folder": outputs.run_dir.name,
+            "hospitals": num_hospitals,
+            "strategy": config.train.strategy,
+            "rounds": config.train.num_server_rounds,
+            "seed": config.seed,
+            "classes": ", ".join(classes[1:]),
+            "training wall time (s)": f"{time.monotonic() - started:.1f}",
+        },
+    )
+    log(INFO, "fedscan: summary written to %s", outputs.run_dir / "summary.md")

@@ -1,0 +1,242 @@
+"""One frozen, validated configuration object for a fedscan run.
+
+Every run-config key is declared, with its default, in ``pyproject.toml`` under
+``[tool.flwr.app.config]`` (kebab-case). :func:`config_from_run_config` is the one
+place that maps those keys to snake_case Python fields and validates them; the
+ServerApp, the ClientApp and the ``fedscan`` CLI all call it on their first line,
+and nothing below them reads ``run_config``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from sims.hospitals import WorldSpec
+
+STRATEGIES = ("fedavg", "fedprox", "fedadam")
+
+
+class ConfigError(ValueError):
+    """A user-supplied configuration value is invalid (one clear sentence)."""
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    """How each hospital trains and how the server aggregates.
+
+    Parameters
+    ----------
+    num_server_rounds : int
+        Federated rounds, >= 1.
+    strategy : str
+        One of :data:`STRATEGIES`.
+    local_epochs : int
+        Passes over the hospital's train split per round, >= 1.
+    lr : float
+        Local Adam learning rate, in (0, 1].
+    batch_size : int
+        Local mini-batch size, >= 1.
+    proximal_mu : float
+        FedProx proximal weight (used when ``strategy == "fedprox"``), >= 0.
+    server_lr : float
+        FedAdam server learning rate ``eta`` (used when ``strategy == "fedadam"``).
+    unet_channels : tuple of int
+        Feature maps per U-Net level; ``len - 1`` down-samplings by 2.
+    """
+
+    num_server_rounds: int = 12
+    strategy: str = "fedavg"
+    local_epochs: int = 1
+    lr: float = 3e-3
+    batch_size: int = 16
+    proximal_mu: float = 0.01
+    server_lr: float = 0.01
+    unet_channels: tuple[int, ...] = (16, 32, 64, 128)
+
+
+@dataclass(frozen=True)
+class FedscanConfig:
+    """The resolved configuration of one run: the world, training and paths."""
+
+    world: WorldSpec
+    train: TrainSpec
+    output_dir: str = "outputs"
+    cache_dir: str = ".cache/fedscan"
+
+    @property
+    def seed(self) -> int:
+        return self.world.seed
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain, JSON-serialisable form (for ``config.json``)."""
+        return asdict(self)
+
+
+# --------------------------------------------------------------------------- #
+# Key table: kebab-case run-config key -> (section, field, parser).           #
+# --------------------------------------------------------------------------- #
+
+
+def _int_in(lo: int, hi: float = math.inf) -> Callable[[str, Any], int]:
+    def parse(key: str, value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+            upper = "inf" if hi == math.inf else str(int(hi))
+            raise ConfigError(
+                f"The '{key}' parameter must be an int in [{lo}, {upper}]. "
+                f"Got {value!r} instead."
+            )
+        return value
+
+    return parse
+
+
+def _float_in(
+    lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False
+) -> Callable[[str, Any], float]:
+    def parse(key: str, value: Any) -> float:
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        if ok:
+            v = float(value)
+            ok = math.isfinite(v) or (v == math.inf and hi == math.inf)
+            ok = ok and (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
+        if not ok:
+            interval = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+            raise ConfigError(
+                f"The '{key}' parameter must be a float in {interval}. Got {value!r} instead."
+            )
+        return float(value)
+
+    return parse
+
+
+def _bool(key: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"The '{key}' parameter must be true or false. Got {value!r} instead.")
+    return value
+
+
+def _choice(options: tuple[str, ...]) -> Callable[[str, Any], str]:
+    def parse(key: str, value: Any) -> str:
+        if value not in options:
+            hint = _nearest(str(value), options)
+            raise ConfigError(
+                f"The '{key}' parameter must be one of {', '.join(options)}. "
+                f"Got {value!r} instead.{hint}"
+            )
+        return str(value)
+
+    return parse
+
+
+def _path(key: str, value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"The '{key}' parameter must be a non-empty path. Got {value!r} instead.")
+    return value
+
+
+def _channels(key: str, value: Any) -> tuple[int, ...]:
+    try:
+        channels = tuple(int(part) for part in str(value).split(","))
+    except ValueError:
+        channels = ()
+    if not 2 <= len(channels) <= 6 or any(not 1 <= c <= 1024 for c in channels):
+        raise ConfigError(
+            f"The '{key}' parameter must be 2 to 6 comma-separated ints in [1, 1024], "
+            f"e.g. \"16,32,64,128\". Got {value!r} instead."
+        )
+    return channels
+
+
+_Parser = Callable[[str, Any], Any]
+KEYS: dict[str, tuple[str, str, _Parser]] = {
+    "num-server-rounds": ("train", "num_server_rounds", _int_in(1, 10_000)),
+    "seed": ("world", "seed", _int_in(0, 2**32 - 1)),
+    "strategy": ("train", "strategy", _choice(STRATEGIES)),
+    "local-epochs": ("train", "local_epochs", _int_in(1, 1000)),
+    "lr": ("train", "lr", _float_in(0.0, 1.0, lo_open=True)),
+    "batch-size": ("train", "batch_size", _int_in(1, 4096)),
+    "proximal-mu": ("train", "proximal_mu", _float_in(0.0, math.inf)),
+    "server-lr": ("train", "server_lr", _float_in(0.0, 10.0, lo_open=True)),
+    "unet-channels": ("train", "unet_channels", _channels),
+    "image-size": ("world", "image_size", _int_in(1, 100_000)),
+    "patients-per-hospital": ("world", "patients_per_hospital", _int_in(1, 10**7)),
+    "quantity-skew": ("world", "quantity_skew", _float_in(0.0, 1.0)),
+    "scanner-severity": ("world", "scanner_severity", _float_in(0.0, 3.0)),
+    "label-skew": ("world", "label_skew", _float_in(0.0, 1.0)),
+    "lesions": ("world", "lesions", _bool),
+    "val-fraction": ("world", "val_fraction", _float_in(0.0, 1.0, lo_open=True, hi_open=True)),
+    "test-fraction": ("world", "test_fraction", _float_in(0.0, 1.0, lo_open=True, hi_open=True)),
+    "holdout-per-hospital": ("world", "holdout_per_hospital", _int_in(1, 10**6)),
+    "augment": ("world", "augment", _bool),
+    "output-dir": ("paths", "output_dir", _path),
+    "cache-dir": ("paths", "cache_dir", _path),
+}
+
+
+def _nearest(name: str, options: tuple[str, ...] | list[str]) -> str:
+    close = difflib.get_close_matches(name, list(options), n=1, cutoff=0.6)
+    return f" Did you mean '{close[0]}'?" if close else ""
+
+
+def check_known_keys(keys: list[str] | tuple[str, ...]) -> None:
+    """Raise :class:`ConfigError` for a key fedscan does not declare.
+
+    Raises
+    ------
+    ConfigError
+        Naming the unknown key, the nearest valid name, and where the list is.
+    """
+    for key in keys:
+        if key not in KEYS:
+            raise ConfigError(
+                f"Unknown run-config key '{key}'.{_nearest(key, list(KEYS))} "
+                "Valid keys are declared in pyproject.toml under [tool.flwr.app.config]."
+            )
+
+
+def config_from_run_config(run_config: Mapping[str, Any]) -> FedscanConfig:
+    """Validate a Flower ``run_config`` and return the frozen :class:`FedscanConfig`.
+
+    Keys that are absent keep the dataclass defaults (which mirror ``pyproject.toml``).
+
+    Raises
+    ------
+    ConfigError
+        On an unknown key (with the nearest valid name) or an invalid value (naming
+        the key, the value and what is allowed).
+    """
+    check_known_keys(list(run_config))
+    sections: dict[str, dict[str, Any]] = {"world": {}, "train": {}, "paths": {}}
+    for key, value in run_config.items():
+        section, field, parse = KEYS[key]
+        sections[section][field] = parse(key, value)
+
+    train = TrainSpec(**sections["train"])
+    try:
+        world = WorldSpec(**sections["world"])
+    except ValueError as err:  # WorldSpec names its fields in snake_case
+        raise ConfigError(_kebab(str(err))) from None
+    _check_image_size(world.image_size, train.unet_channels)
+    return FedscanConfig(world=world, train=train, **sections["paths"])
+
+
+def _check_image_size(image_size: int, channels: tuple[int, ...]) -> None:
+    factor = 2 ** (len(channels) - 1)
+    if image_size % factor:
+        lower = image_size - image_size % factor
+        raise ConfigError(
+            f"The 'image-size' parameter must be divisible by {factor} for a U-Net with "
+            f"{len(channels)} levels ('unet-channels' = {','.join(map(str, channels))}). "
+            f"Got {image_size} instead; try {lower or factor} or {lower + factor}."
+        )
+
+
+def _kebab(message: str) -> str:
+    """Rewrite snake_case field names in a WorldSpec message to run-config keys."""
+    for key, (_, field, _) in KEYS.items():
+        message = message.replace(f"'{field}'", f"'{key}'")
+    return message.replace(" of WorldSpec", "")

@@ -1,0 +1,41 @@
+"""The segmentation model factory (MONAI U-Net, 2D), built so Opacus can train it."""
+
+from __future__ import annotations
+
+import torch
+from monai.networks.nets import UNet
+
+
+def make_model(
+    num_classes: int, channels: tuple[int, ...] = (16, 32, 64, 128), *, seed: int = 0
+) -> torch.nn.Module:
+    """Build a 2D MONAI ``UNet`` for ``(B, 1, H, W)`` inputs and ``(B, num_classes, H, W)`` logits.
+
+    Instance normalisation (no running statistics) and non-in-place PReLU keep the model
+    trainable with Opacus DP-SGD later: BatchNorm mixes samples, and in-place
+    activations break per-sample gradient hooks.
+
+    Parameters
+    ----------
+    num_classes : int
+        Output channels, background included.
+    channels : tuple of int
+        Feature maps per level; ``len(channels) - 1`` stride-2 down-samplings, so the
+        image side must be divisible by ``2 ** (len(channels) - 1)``.
+    seed : int
+        Seeds a private generator for the initial weights (the global RNG is untouched).
+    """
+    devices = []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        model = UNet(
+            spatial_dims=2,
+            in_channels=1,
+            out_channels=num_classes,
+            channels=channels,
+            strides=(2,) * (len(channels) - 1),
+            num_res_units=0,
+            norm="instance",
+            act="prelu",
+        )
+    return model

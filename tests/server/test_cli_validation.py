@@ -1,0 +1,45 @@
+"""`fedscan run` refuses bad input before any training: one line, exit code 2."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from server.cli import EXIT_USER_ERROR, main
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["-c", "strategy='fedsgd'"], "The 'strategy' parameter must be one of fedavg, fedprox, fedadam. Got 'fedsgd'"),
+        (["-c", "lr=-0.01"], "The 'lr' parameter must be a float in (0, 1]. Got -0.01 instead."),
+        (["-c", "image-size=50"], "'image-size'"),
+        (["-c", "num-server-round=3"], "Did you mean 'num-server-rounds'?"),
+        (["--hospitals", "0"], "The number of hospitals ('num-supernodes') must be an int >= 1. Got 0 instead."),
+        (["--federation-config", "num-supernodes=0"], "Got 0 instead."),
+        (["--federation-config", "num-supernode=4"], "Did you mean 'num-supernodes'?"),
+        (["-c", "missing.toml"], "does not exist"),
+    ],
+)
+def test_user_errors_exit_2_with_one_clear_line(
+    args: list[str], expected: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(ROOT)
+
+    code = main(["run", *args])
+
+    err = capsys.readouterr().err
+    assert code == EXIT_USER_ERROR
+    assert expected in err
+    assert "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_not_a_fedscan_project(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["run", str(tmp_path)])
+
+    assert code == EXIT_USER_ERROR
+    assert "No pyproject.toml" in capsys.readouterr().err

@@ -1,0 +1,75 @@
+"""Config validation: every bad value stops with one sentence naming key, value and rule."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from sims.config import KEYS, ConfigError, FedscanConfig, config_from_run_config
+
+PYPROJECT = Path(__file__).resolve().parents[2] / "pyproject.toml"
+
+
+def declared() -> dict:
+    return tomllib.loads(PYPROJECT.read_text())["tool"]["flwr"]["app"]["config"]
+
+
+def test_every_declared_key_is_known_and_defaults_validate() -> None:
+    defaults = declared()
+
+    config = config_from_run_config(defaults)
+
+    assert set(defaults) == set(KEYS)
+    assert isinstance(config, FedscanConfig)
+    assert config.train.strategy == "fedavg"
+    assert config.world.image_size == defaults["image-size"]
+
+
+def test_dataclass_defaults_mirror_pyproject() -> None:
+    # An empty run_config must mean the same run as pyproject's defaults.
+    assert config_from_run_config({}) == config_from_run_config(declared())
+
+
+def test_config_is_frozen() -> None:
+    config = config_from_run_config({})
+    with pytest.raises(AttributeError):
+        config.train.lr = 1.0  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "expected"),
+    [
+        ("strategy", "fedsgd", r"The 'strategy' parameter must be one of fedavg, fedprox, fedadam\. Got 'fedsgd'"),
+        ("strategy", "fedavgg", r"Did you mean 'fedavg'\?"),
+        ("lr", -0.1, r"The 'lr' parameter must be a float in \(0, 1\]\. Got -0\.1 instead\."),
+        ("lr", "fast", r"'lr' .* Got 'fast'"),
+        ("num-server-rounds", 0, r"'num-server-rounds' parameter must be an int in \[1, 10000\]\. Got 0"),
+        ("batch-size", 2.5, r"'batch-size' parameter must be an int"),
+        ("image-size", 100, r"'image-size' parameter must be divisible by 8 .* Got 100 instead; try 96 or 104"),
+        ("lesions", "yes", r"'lesions' parameter must be true or false"),
+        ("unet-channels", "16,x", r"'unet-channels' parameter must be 2 to 6 comma-separated ints"),
+        ("quantity-skew", 1.5, r"'quantity-skew' parameter must be a float in \[0, 1\]\. Got 1\.5"),
+    ],
+)
+def test_invalid_values_name_key_value_and_rule(key: str, value: object, expected: str) -> None:
+    with pytest.raises(ConfigError, match=expected):
+        config_from_run_config({key: value})
+
+
+def test_typo_in_key_suggests_nearest_name() -> None:
+    with pytest.raises(ConfigError, match=r"Unknown run-config key 'num-server-round'\. Did you mean 'num-server-rounds'\?"):
+        config_from_run_config({"num-server-round": 3})
+
+
+def test_image_size_must_match_unet_depth() -> None:
+    # 40 is divisible by 8 but not by 16 (a 5-level U-Net halves four times).
+    with pytest.raises(ConfigError, match=r"divisible by 16"):
+        config_from_run_config({"image-size": 40, "unet-channels": "8,16,32,64,128"})
+    assert config_from_run_config({"image-size": 48, "unet-channels": "8,16,32,64,128"}).world.image_size == 48
+
+
+def test_world_errors_use_run_config_key_names() -> None:
+    with pytest.raises(ConfigError, match=r"'image-size'"):
+        config_from_run_config({"image-size": 8})

@@ -24,7 +24,7 @@ test: $(STAMP)
 	$(VENV)/bin/pytest -q
 
 bench: $(STAMP)
-	$(PY) benchmarks/bench_federation.py
+	$(PY) -m benchmarks.bench_federation
 
 clean:
 	rm -rf .cache .flwr .ray outputs .pytest_cache

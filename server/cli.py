@@ -10,6 +10,7 @@ it started by PID, and prints the per-hospital result table.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import re
@@ -101,8 +102,20 @@ def resolve_run_config(project: Path, overrides: dict[str, Any]) -> dict[str, An
         raise UserError(str(err)) from None
     resolved = dict(overrides)
     for key in ("output-dir", "cache-dir"):
-        resolved[key] = str((Path.cwd() / str(merged[key])).resolve())
+        folder = (Path.cwd() / str(merged[key])).resolve()
+        _check_writable_folder(key, folder)
+        resolved[key] = str(folder)
     return resolved
+
+
+def _check_writable_folder(key: str, folder: Path) -> None:
+    existing = folder
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"The '{key}' parameter must be a folder. Got '{folder}', but '{existing}' is a file.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"The '{key}' parameter must be a writable folder. Got '{folder}' ('{existing}' is not writable).")
 
 
 def resolve_federation(overrides: dict[str, Any], hospitals: int | None) -> dict[str, Any]:
@@ -152,7 +165,8 @@ def flower_env(project: Path) -> dict[str, str]:
     bin_dir = str(Path(sys.executable).parent)
     env["PATH"] = bin_dir + os.pathsep + env.get("PATH", "")
     env["FLWR_HOME"] = str(project / ".flwr")
-    env["RAY_TMPDIR"] = str(project / ".ray")
+    env["RAY_TMPDIR"] = str(ray_tmpdir(project))
+    env["RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO"] = "0"
     env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
     env["FLWR_TELEMETRY_ENABLED"] = "0"
     env["FLWR_DISABLE_UPDATE_CHECK"] = "1"
@@ -165,6 +179,20 @@ def flower_env(project: Path) -> dict[str, str]:
     Path(env["FLWR_HOME"]).mkdir(parents=True, exist_ok=True)
     Path(env["RAY_TMPDIR"]).mkdir(parents=True, exist_ok=True)
     return env
+
+
+# Ray puts AF_UNIX sockets under RAY_TMPDIR/ray/session_<date>_<pid>/sockets/plasma_store
+# (about 70 more characters); Linux caps such paths at 107 bytes.
+_MAX_RAY_TMPDIR = 36
+
+
+def ray_tmpdir(project: Path) -> Path:
+    """``<project>/.ray``, or a short per-project folder in /tmp when that path is too long."""
+    local = project / ".ray"
+    if len(str(local)) <= _MAX_RAY_TMPDIR:
+        return local
+    digest = hashlib.sha1(str(project).encode()).hexdigest()[:10]
+    return Path("/tmp") / f"fedscan-ray-{digest}"
 
 
 class SuperLink:
@@ -324,10 +352,11 @@ def command_run(args: argparse.Namespace, passthrough: list[str]) -> int:
 
     elapsed = time.monotonic() - started
     if code != 0 or not status.startswith("finished:completed"):
-        print(f"\nfedscan: the run failed (flwr exit code {code}, status {status}).", file=sys.stderr)
+        print(f"\nfedscan: the run failed: {status} (flwr exit code {code}).", file=sys.stderr)
         errors = [i for i, line in enumerate(tail) if _ERROR_START.search(line)]
-        if errors:
-            print("\n".join(tail[errors[0] : errors[0] + 60]), file=sys.stderr)
+        if errors:  # the end of the server's traceback, where its error is
+            block = tail[errors[0] :]
+            print("\n".join(block[-15:]), file=sys.stderr)
         print(f"SuperLink log: {superlink.log_file}", file=sys.stderr)
         return EXIT_RUN_FAILED
 

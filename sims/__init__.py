@@ -1,0 +1,1 @@
+"""The simulated world: anatomy, scanners, hospitals, datasets, model, training."""

@@ -13,7 +13,7 @@ import torch
 
 from clients.training import LocalTrainResult, train_one_round
 from sims.anatomy import class_names
-from sims.config import FedscanConfig
+from sims.config import FedscanConfig, round_lr
 from sims.evaluation import evaluate_segmentation
 from sims.hospitals import HospitalSpec, WorldSpec, load_hospital, make_federation
 from sims.model import make_model
@@ -60,7 +60,7 @@ class Hospital:
             images,
             labels,
             epochs=t.local_epochs,
-            lr=t.lr,
+            lr=round_lr(t, server_round),
             batch_size=t.batch_size,
             generator=make_torch_generator(self.config.seed, self.site, server_round, "train"),
             augment=self.config.world.augment,

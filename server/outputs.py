@@ -100,15 +100,21 @@ class RunOutputs:
 
 
 def final_table(metrics: pd.DataFrame) -> pd.DataFrame:
-    """Last-round metrics per (site, split) as a wide table: one row per site and split."""
+    """Last-round metrics, one row per site: test Dice (holdout for the server) and train loss.
+
+    Rows: every hospital in id order, then ``global/test`` (patient-weighted mean of the
+    hospitals) and ``global/holdout`` (the server's pooled evaluation).
+    """
     if metrics.empty:
         return pd.DataFrame()
     last = metrics[metrics["round"] == metrics["round"].max()]
-    wide = last.pivot_table(index=["site", "split"], columns="metric", values="value", aggfunc="first")
-    dice_cols = ["dice_mean"] + sorted(c for c in wide.columns if c.startswith("dice_") and c != "dice_mean")
-    other = [c for c in ("train_loss",) if c in wide.columns]
-    wide = wide[[c for c in dice_cols if c in wide.columns] + other]
-    order = sorted(wide.index, key=lambda k: (k[0] == "global", int(k[0]) if k[0].isdigit() else math.inf, k[1]))
+    dice = last[last["metric"].str.startswith("dice_") & last["split"].isin(["test", "holdout"])]
+    wide = dice.pivot_table(index=["site", "split"], columns="metric", values="value", aggfunc="first")
+    loss = last[last["metric"] == "train_loss"].set_index("site")["value"]
+    wide["train_loss"] = [loss.get(site, float("nan")) if split == "test" else float("nan") for site, split in wide.index]
+    classes = [c for c in dict.fromkeys(dice["metric"]) if c != "dice_mean"]  # class order as written
+    wide = wide[["dice_mean", *classes, "train_loss"]]
+    order = sorted(wide.index, key=lambda k: (k[0] == "global", int(k[0]) if k[0].isdigit() else 0, k[1]))
     return wide.loc[order]
 
 
@@ -129,9 +135,10 @@ def render_summary(metrics: pd.DataFrame, title: str, details: dict[str, Any]) -
     lines += [
         "",
         "`site` is a hospital id (`partition-id`) or `global`: `global/test` is the patient-weighted",
-        "mean over hospitals' test splits, `global/holdout` the server's evaluation on the pooled",
+        "mean over the hospitals' test splits, `global/holdout` the server's evaluation on the pooled",
         "held-out patients of every hospital. Dice is MONAI `DiceMetric` per patient",
-        "(`ignore_empty=False`), averaged over patients; `dice_mean` is over foreground classes.",
+        "(`ignore_empty=False`), averaged over patients; `dice_mean` is over foreground classes;",
+        "`train_loss` is the hospital's mean DiceCE loss over its last round's local steps.",
         "",
     ]
     return "\n".join(lines)

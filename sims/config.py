@@ -18,6 +18,7 @@ from typing import Any
 from sims.hospitals import WorldSpec
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam")
+LR_SCHEDULES = ("cosine", "constant")
 
 
 class ConfigError(ValueError):
@@ -37,7 +38,10 @@ class TrainSpec:
     local_epochs : int
         Passes over the hospital's train split per round, >= 1.
     lr : float
-        Local Adam learning rate, in (0, 1].
+        Local Adam learning rate, in (0, 1] (the peak, with ``lr_schedule="cosine"``).
+    lr_schedule : str
+        ``"cosine"``: the local learning rate decays over rounds from ``lr`` to
+        ``lr / 20`` (half a cosine); ``"constant"``: ``lr`` every round.
     batch_size : int
         Local mini-batch size, >= 1.
     proximal_mu : float
@@ -48,11 +52,12 @@ class TrainSpec:
         Feature maps per U-Net level; ``len - 1`` down-samplings by 2.
     """
 
-    num_server_rounds: int = 12
+    num_server_rounds: int = 30
     strategy: str = "fedavg"
-    local_epochs: int = 1
+    local_epochs: int = 2
     lr: float = 3e-3
-    batch_size: int = 16
+    lr_schedule: str = "constant"
+    batch_size: int = 8
     proximal_mu: float = 0.01
     server_lr: float = 0.01
     unet_channels: tuple[int, ...] = (16, 32, 64, 128)
@@ -74,6 +79,15 @@ class FedscanConfig:
     def to_dict(self) -> dict[str, Any]:
         """Plain, JSON-serialisable form (for ``config.json``)."""
         return asdict(self)
+
+
+def round_lr(train: TrainSpec, server_round: int) -> float:
+    """The local learning rate of ``server_round`` (1-based) under ``train.lr_schedule``."""
+    if train.lr_schedule == "constant" or train.num_server_rounds == 1:
+        return train.lr
+    progress = (server_round - 1) / (train.num_server_rounds - 1)
+    floor = train.lr / 20
+    return floor + (train.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 # --------------------------------------------------------------------------- #
@@ -158,6 +172,7 @@ KEYS: dict[str, tuple[str, str, _Parser]] = {
     "strategy": ("train", "strategy", _choice(STRATEGIES)),
     "local-epochs": ("train", "local_epochs", _int_in(1, 1000)),
     "lr": ("train", "lr", _float_in(0.0, 1.0, lo_open=True)),
+    "lr-schedule": ("train", "lr_schedule", _choice(LR_SCHEDULES)),
     "batch-size": ("train", "batch_size", _int_in(1, 4096)),
     "proximal-mu": ("train", "proximal_mu", _float_in(0.0, math.inf)),
     "server-lr": ("train", "server_lr", _float_in(0.0, 10.0, lo_open=True)),

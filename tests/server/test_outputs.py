@@ -36,4 +36,4 @@ def test_metrics_csv_is_long_format_and_summary_has_final_round(tmp_path: Path) 
     ]
     config = json.loads((out.run_dir / "config.json").read_text())
     assert config["seed"] == 3 and config["config"] == {"a": 1} and "torch" in config["versions"]
-    assert "## Final round (2)" in text and "| 0 | test | 0.7500 |" in text
+    assert "## Final round (2)" in text and "| 0 | test | 0.7500 | 0.3000 |" in text

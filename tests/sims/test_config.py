@@ -73,3 +73,17 @@ def test_image_size_must_match_unet_depth() -> None:
 def test_world_errors_use_run_config_key_names() -> None:
     with pytest.raises(ConfigError, match=r"'image-size'"):
         config_from_run_config({"image-size": 8})
+
+
+def test_cosine_schedule_runs_from_lr_to_a_twentieth_and_constant_is_flat() -> None:
+    from sims.config import TrainSpec, round_lr
+
+    cosine = TrainSpec(num_server_rounds=5, lr=0.01, lr_schedule="cosine")
+    constant = TrainSpec(num_server_rounds=5, lr=0.01, lr_schedule="constant")
+
+    values = [round_lr(cosine, r) for r in range(1, 6)]
+
+    assert values[0] == pytest.approx(0.01) and values[-1] == pytest.approx(0.0005)
+    assert values[2] == pytest.approx((0.01 + 0.0005) / 2)
+    assert all(a > b for a, b in zip(values, values[1:]))
+    assert [round_lr(constant, r) for r in range(1, 6)] == [0.01] * 5

@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from sims.hospitals import WorldSpec
+from sims.world import WorldSpec
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam")
 LR_SCHEDULES = ("cosine", "constant")

@@ -32,6 +32,7 @@ from scipy import ndimage
 from sims.anatomy import BACKGROUND, GREY_MATTER, LESION, WHITE_MATTER, load_anatomy
 from sims.scanners import ScannerProfile, apply_scanner, make_scanner_profile
 from sims.seeding import make_rng
+from sims.world import MIN_PATIENTS, WorldSpec, _invalid, _is_int, _is_real  # noqa: F401 (re-exported)
 
 __all__ = [
     "FORMAT_VERSION",
@@ -53,9 +54,6 @@ SPLITS: tuple[str, ...] = ("train", "val", "test", "holdout")
 
 FORMAT_VERSION = 1
 """Bump whenever generation changes, so that caches written before are not reused."""
-
-MIN_PATIENTS = 10
-"""Smallest cohort a hospital can have, also under quantity skew."""
 
 HOLDOUT_OFFSET = 1_000_000
 """Patient index of a hospital's first holdout patient (or ``num_patients`` if larger).
@@ -80,110 +78,6 @@ _HYPO_FACTOR = (0.55, 0.62)
 _PREVALENCE_SPREAD = 0.45
 _QUANTITY_SIGMA = 1.5  # log-normal sigma of cohort shares at quantity_skew = 1
 _OUTPUT_PERCENTILE = 99.5
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-
-def _is_real(value: object) -> bool:
-    return (
-        isinstance(value, (int, float, np.integer, np.floating))
-        and not isinstance(value, bool)
-        and math.isfinite(value)
-    )
-
-
-def _invalid(owner: str, name: str, expected: str, value: object, hint: str = "") -> ValueError:
-    return ValueError(f"The '{name}' parameter of {owner} must be {expected}. Got {value!r} instead{hint}.")
-
-
-@dataclass(frozen=True)
-class WorldSpec:
-    """Everything that shapes the simulated data, validated on construction.
-
-    Attributes
-    ----------
-    seed : int, default 0
-        Root seed; every random draw derives from it. In ``[0, inf)``.
-    image_size : int, default 96
-        Side of the square images in pixels; divisible by 8 (a U-Net with three
-        down-samplings) and in ``[32, 256]``.
-    patients_per_hospital : int, default 150
-        Mean cohort size (train + val + test), ``>= 10``.
-    quantity_skew : float, default 0.0
-        In ``[0, 1]``. 0 gives every hospital ``patients_per_hospital`` patients;
-        larger values redistribute the same total with log-normal shares
-        (sigma ``1.5 * quantity_skew``), every hospital keeping >= 10 patients.
-    scanner_severity : float, default 1.0
-        In ``[0, 3]``; 0 = perfect scanners, 1 = moderate, 3 = severe.
-    label_skew : float, default 0.5
-        In ``[0, 1]``; spread of the lesion prevalence across hospitals:
-        ``clip(0.5 + label_skew * u, 0.05, 0.95)``, ``u ~ U(-0.45, 0.45)``.
-    lesions : bool, default True
-        Whether patients can have synthetic lesions (label 4).
-    val_fraction, test_fraction : float, default 0.15
-        Fractions of a cohort used for validation and testing, each in ``(0, 1)``,
-        together at most 0.8; train is the rest. Every split gets >= 1 patient.
-    holdout_per_hospital : int, default 16
-        Extra patients per hospital, disjoint from the cohort, pooled by the server
-        for global evaluation. In ``[0, inf)``.
-    augment : bool, default True
-        Training-time augmentation switch; used by training, not by data generation
-        (and not part of the cache key).
-
-    Raises
-    ------
-    ValueError
-        If a field has the wrong type or is out of range; the message names the
-        field, what is allowed and the value given.
-    """
-
-    seed: int = 0
-    image_size: int = 96
-    patients_per_hospital: int = 150
-    quantity_skew: float = 0.0
-    scanner_severity: float = 1.0
-    label_skew: float = 0.5
-    lesions: bool = True
-    val_fraction: float = 0.15
-    test_fraction: float = 0.15
-    holdout_per_hospital: int = 16
-    augment: bool = True
-
-    def __post_init__(self) -> None:
-        owner = "WorldSpec"
-        if not _is_int(self.seed) or self.seed < 0:
-            raise _invalid(owner, "seed", "an int in [0, inf)", self.seed)
-        if not _is_int(self.image_size) or self.image_size % 8 or not 32 <= self.image_size <= 256:
-            hint = ""
-            if _is_int(self.image_size):
-                nearest = sorted({min(256, max(32, 8 * (self.image_size // 8 + k))) for k in (0, 1)})
-                hint = f"; try {' or '.join(map(str, nearest))}"
-            raise _invalid(owner, "image_size", "an int divisible by 8 in [32, 256]", self.image_size, hint)
-        if not _is_int(self.patients_per_hospital) or self.patients_per_hospital < MIN_PATIENTS:
-            raise _invalid(
-                owner, "patients_per_hospital", f"an int in [{MIN_PATIENTS}, inf)", self.patients_per_hospital
-            )
-        for name, high in (("quantity_skew", 1.0), ("scanner_severity", 3.0), ("label_skew", 1.0)):
-            value = getattr(self, name)
-            if not _is_real(value) or not 0.0 <= value <= high:
-                raise _invalid(owner, name, f"a float in [0, {high:g}]", value)
-        for name in ("lesions", "augment"):
-            if not isinstance(getattr(self, name), (bool, np.bool_)):
-                raise _invalid(owner, name, "a bool", getattr(self, name))
-        for name in ("val_fraction", "test_fraction"):
-            value = getattr(self, name)
-            if not _is_real(value) or not 0.0 < value < 1.0:
-                raise _invalid(owner, name, "a float in (0, 1)", value)
-        if self.val_fraction + self.test_fraction > 0.8:
-            raise ValueError(
-                "The 'val_fraction' and 'test_fraction' parameters of WorldSpec must sum to at "
-                "most 0.8 so that the train split keeps patients. "
-                f"Got {self.val_fraction!r} + {self.test_fraction!r} instead."
-            )
-        if not _is_int(self.holdout_per_hospital) or self.holdout_per_hospital < 0:
-            raise _invalid(owner, "holdout_per_hospital", "an int in [0, inf)", self.holdout_per_hospital)
 
 
 @dataclass(frozen=True)

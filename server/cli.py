@@ -195,6 +195,33 @@ def ray_tmpdir(project: Path) -> Path:
     return Path("/tmp") / f"fedscan-ray-{digest}"
 
 
+APP_PACKAGES = ("server", "clients", "sims", "privacy", "scenarios")
+APP_FILES = ("pyproject.toml", "README.md")
+
+
+def stage_app(project: Path, stage: Path) -> Path:
+    """Copy just the app (packages' ``*.py``, ``pyproject.toml``) into ``stage``.
+
+    ``flwr run`` walks every file under the app folder before filtering (about 50,000
+    in ``.venv`` alone, 3 s here); a staged copy is built in milliseconds and is, by
+    construction, exactly the code on disk now.
+    """
+    if stage.exists():
+        shutil.rmtree(stage)
+    for name in APP_FILES:
+        if (project / name).is_file():
+            (stage / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(project / name, stage / name)
+    for package in APP_PACKAGES:
+        for src in (project / package).rglob("*.py"):
+            if "__pycache__" in src.parts:
+                continue
+            dst = stage / src.relative_to(project)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst)
+    return stage
+
+
 class SuperLink:
     """A ``flower-superlink`` in simulation mode that this process started and will stop."""
 
@@ -313,7 +340,8 @@ def command_run(args: argparse.Namespace, passthrough: list[str]) -> int:
     federation = resolve_federation(_parse_pairs(args.federation_config, "federation config"), args.hospitals)
 
     env = flower_env(project)
-    command = ["flwr", "run", str(project), "local", "--stream"]
+    stage = stage_app(project, project / ".flwr" / "stage" / str(os.getpid()))
+    command = ["flwr", "run", str(stage), "local", "--stream"]
     for key, value in run_config.items():
         command += ["--run-config", f"{key}={_toml_value(value)}"]
     command += ["--federation-config", " ".join(f"{k}={_toml_value(v)}" for k, v in federation.items())]
@@ -349,6 +377,7 @@ def command_run(args: argparse.Namespace, passthrough: list[str]) -> int:
     finally:
         superlink.stop()
         signal.signal(signal.SIGTERM, previous)
+        shutil.rmtree(stage, ignore_errors=True)
 
     elapsed = time.monotonic() - started
     if code != 0 or not status.startswith("finished:completed"):

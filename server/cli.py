@@ -78,8 +78,10 @@ def project_defaults(project: Path) -> dict[str, Any]:
     """The ``[tool.flwr.app.config]`` table of ``project/pyproject.toml``."""
     path = project / "pyproject.toml"
     try:
+        from flwr.common.config import flatten_dict
+
         data = tomllib.loads(path.read_text())
-        return dict(data["tool"]["flwr"]["app"]["config"])
+        return dict(flatten_dict(data["tool"]["flwr"]["app"]["config"]))
     except FileNotFoundError:
         raise UserError(
             f"No pyproject.toml in '{project}': run fedscan from the fedscan project folder."

@@ -18,6 +18,7 @@ from typing import Any
 from sims.world import WorldSpec
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam")
+PRIVACY_MODES = ("off", "sample", "client", "both")
 LR_SCHEDULES = ("cosine", "constant")
 
 
@@ -64,11 +65,61 @@ class TrainSpec:
 
 
 @dataclass(frozen=True)
+class PrivacySpec:
+    """Differential privacy of a run.
+
+    Parameters
+    ----------
+    mode : str
+        ``"off"``; ``"sample"``: DP-SGD (Opacus) inside each hospital, the patient being
+        the privacy unit; ``"client"``: client-level DP-FedAvg at the server (Flower's
+        server-side clipping wrapper); ``"both"``.
+    target_epsilon : float or None
+        Per-hospital budget for sample-level DP. Given, each hospital calibrates its noise
+        multiplier so the target is met (never exceeded) at the end of the planned run;
+        ``None``: ``noise_multiplier`` is used as is and epsilon is only reported.
+    delta : float
+        In (0, 1), and below 1 / (patients of the smallest hospital).
+    noise_multiplier : float
+        DP-SGD noise multiplier when no target is given (>= 0; 0 = no privacy, warned).
+    max_grad_norm : float
+        Per-patient clipping norm C (> 0).
+    client_noise_multiplier, client_clipping_norm : float
+        Client-level DP: noise multiplier (>= 0) and clipping norm (> 0) of the server-side
+        fixed-clipping DP-FedAvg wrapper.
+    clients_per_round : int
+        Hospitals sampled each round in client-level modes (0 = all).
+    pretrain_epochs : int
+        Epochs of server-side pre-training on public, un-shifted template slices before
+        round 1 (costs no patient privacy).
+    """
+
+    mode: str = "off"
+    target_epsilon: float | None = None
+    delta: float = 1e-5
+    noise_multiplier: float = 1.0
+    max_grad_norm: float = 1.0
+    client_noise_multiplier: float = 0.5
+    client_clipping_norm: float = 10.0
+    clients_per_round: int = 0
+    pretrain_epochs: int = 0
+
+    @property
+    def sample_level(self) -> bool:
+        return self.mode in ("sample", "both")
+
+    @property
+    def client_level(self) -> bool:
+        return self.mode in ("client", "both")
+
+
+@dataclass(frozen=True)
 class FedscanConfig:
-    """The resolved configuration of one run: the world, training and paths."""
+    """The resolved configuration of one run: the world, training, privacy and paths."""
 
     world: WorldSpec
     train: TrainSpec
+    privacy: PrivacySpec = PrivacySpec()
     output_dir: str = "outputs"
     cache_dir: str = ".cache/fedscan"
 
@@ -125,6 +176,17 @@ def _float_in(
         return float(value)
 
     return parse
+
+
+def _epsilon_target(key: str, value: Any) -> float | None:
+    if isinstance(value, str) and value.strip().lower() == "none":
+        return None
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+    if not ok:
+        raise ConfigError(
+            f"The '{key}' parameter must be a float in (0, inf) or \"none\". Got {value!r} instead."
+        )
+    return float(value)
 
 
 def _bool(key: str, value: Any) -> bool:
@@ -187,6 +249,15 @@ KEYS: dict[str, tuple[str, str, _Parser]] = {
     "test-fraction": ("world", "test_fraction", _float_in(0.0, 1.0, lo_open=True, hi_open=True)),
     "holdout-per-hospital": ("world", "holdout_per_hospital", _int_in(1, 10**6)),
     "augment": ("world", "augment", _bool),
+    "privacy.mode": ("privacy", "mode", _choice(PRIVACY_MODES)),
+    "privacy.target-epsilon": ("privacy", "target_epsilon", _epsilon_target),
+    "privacy.delta": ("privacy", "delta", _float_in(0.0, 1.0, lo_open=True, hi_open=True)),
+    "privacy.noise-multiplier": ("privacy", "noise_multiplier", _float_in(0.0, 1e4)),
+    "privacy.max-grad-norm": ("privacy", "max_grad_norm", _float_in(0.0, 1e6, lo_open=True)),
+    "privacy.client-noise-multiplier": ("privacy", "client_noise_multiplier", _float_in(0.0, 1e4)),
+    "privacy.client-clipping-norm": ("privacy", "client_clipping_norm", _float_in(0.0, 1e6, lo_open=True)),
+    "privacy.clients-per-round": ("privacy", "clients_per_round", _int_in(0, 10**6)),
+    "privacy.pretrain-epochs": ("privacy", "pretrain_epochs", _int_in(0, 1000)),
     "output-dir": ("paths", "output_dir", _path),
     "cache-dir": ("paths", "cache_dir", _path),
 }
@@ -225,7 +296,7 @@ def config_from_run_config(run_config: Mapping[str, Any]) -> FedscanConfig:
         the key, the value and what is allowed).
     """
     check_known_keys(list(run_config))
-    sections: dict[str, dict[str, Any]] = {"world": {}, "train": {}, "paths": {}}
+    sections: dict[str, dict[str, Any]] = {"world": {}, "train": {}, "privacy": {}, "paths": {}}
     for key, value in run_config.items():
         section, field, parse = KEYS[key]
         sections[section][field] = parse(key, value)
@@ -236,7 +307,40 @@ def config_from_run_config(run_config: Mapping[str, Any]) -> FedscanConfig:
     except ValueError as err:  # WorldSpec names its fields in snake_case
         raise ConfigError(_kebab(str(err))) from None
     _check_image_size(world.image_size, train.unet_channels)
-    return FedscanConfig(world=world, train=train, **sections["paths"])
+    privacy = PrivacySpec(**sections["privacy"])
+    _check_privacy(privacy, world)
+    return FedscanConfig(world=world, train=train, privacy=privacy, **sections["paths"])
+
+
+def _check_privacy(privacy: PrivacySpec, world: WorldSpec) -> None:
+    if privacy.mode == "off":
+        return
+    # The smallest hospital's cohort bounds delta: delta >= 1/n lets a mechanism
+    # publish one patient's record outright and still claim (epsilon, delta)-DP.
+    smallest = min_cohort(world)
+    if privacy.delta >= 1.0 / smallest:
+        raise ConfigError(
+            f"The 'privacy.delta' parameter must be below 1 / (patients in the smallest hospital) = "
+            f"1/{smallest} = {1.0 / smallest:.3g}. Got {privacy.delta!r} instead."
+        )
+
+
+def min_cohort(world: WorldSpec) -> int:
+    """Lower bound on any hospital's cohort size (quantity skew keeps at least MIN_PATIENTS)."""
+    from sims.world import MIN_PATIENTS
+
+    return world.patients_per_hospital if world.quantity_skew == 0 else MIN_PATIENTS
+
+
+def privacy_warnings(config: FedscanConfig) -> list[str]:
+    """Legal but probably unintended settings, one sentence each."""
+    p = config.privacy
+    notes = []
+    if p.sample_level and p.target_epsilon is None and p.noise_multiplier == 0:
+        notes.append("privacy.noise-multiplier = 0 with sample-level DP on gives no privacy (epsilon = inf).")
+    if p.client_level and p.client_noise_multiplier == 0:
+        notes.append("privacy.client-noise-multiplier = 0 with client-level DP on gives no privacy (epsilon = inf).")
+    return notes
 
 
 def _check_image_size(image_size: int, channels: tuple[int, ...]) -> None:

@@ -13,7 +13,9 @@ PYPROJECT = Path(__file__).resolve().parents[2] / "pyproject.toml"
 
 
 def declared() -> dict:
-    return tomllib.loads(PYPROJECT.read_text())["tool"]["flwr"]["app"]["config"]
+    from flwr.common.config import flatten_dict
+
+    return flatten_dict(tomllib.loads(PYPROJECT.read_text())["tool"]["flwr"]["app"]["config"])
 
 
 def test_every_declared_key_is_known_and_defaults_validate() -> None:
@@ -87,3 +89,43 @@ def test_cosine_schedule_runs_from_lr_to_a_twentieth_and_constant_is_flat() -> N
     assert values[2] == pytest.approx((0.01 + 0.0005) / 2)
     assert all(a > b for a, b in zip(values, values[1:]))
     assert [round_lr(constant, r) for r in range(1, 6)] == [0.01] * 5
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        ({"privacy.mode": "sampel"}, r"Did you mean 'sample'\?"),
+        ({"privacy.target-epsilon": 0}, r"The 'privacy.target-epsilon' parameter must be a float in \(0, inf\) or \"none\"\. Got 0 instead\."),
+        ({"privacy.target-epsilon": -1.0}, r"Got -1.0 instead"),
+        ({"privacy.delta": 1.5}, r"The 'privacy.delta' parameter must be a float in \(0, 1\)\. Got 1.5 instead\."),
+        ({"privacy.noise-multiplier": -0.1}, r"'privacy.noise-multiplier' parameter must be a float in \[0, 10000\]"),
+        ({"privacy.max-grad-norm": 0.0}, r"'privacy.max-grad-norm' parameter must be a float in \(0, 1e\+06\]\. Got 0.0"),
+        (
+            {"privacy.mode": "sample", "privacy.delta": 0.01, "patients-per-hospital": 150},
+            r"'privacy.delta' parameter must be below 1 / \(patients in the smallest hospital\) = 1/150",
+        ),
+        (
+            {"privacy.mode": "sample", "privacy.delta": 0.2, "quantity-skew": 0.5},
+            r"1/10",
+        ),
+    ],
+)
+def test_privacy_values_are_validated(overrides: dict, expected: str) -> None:
+    with pytest.raises(ConfigError, match=expected):
+        config_from_run_config(overrides)
+
+
+def test_privacy_defaults_and_none_target() -> None:
+    from sims.config import privacy_warnings
+
+    off = config_from_run_config({})
+    sample = config_from_run_config({"privacy.mode": "sample", "privacy.target-epsilon": 8})
+    no_noise = config_from_run_config({"privacy.mode": "both", "privacy.noise-multiplier": 0.0})
+
+    assert off.privacy.mode == "off" and off.privacy.target_epsilon is None and off.privacy.delta == 1e-5
+    assert sample.privacy.sample_level and not sample.privacy.client_level
+    assert sample.privacy.target_epsilon == 8.0
+    assert privacy_warnings(off) == []
+    assert privacy_warnings(no_noise) == [
+        "privacy.noise-multiplier = 0 with sample-level DP on gives no privacy (epsilon = inf)."
+    ]

@@ -37,10 +37,14 @@ FINISHED_LINE = re.compile(r"Strategy execution finished")
 
 
 class TreeMemory:
-    """Peak of the summed RSS of a process and all its descendants, sampled."""
+    """Peaks of the summed RSS and PSS of a process and all its descendants, sampled.
 
-    def __init__(self, pid: int, interval: float = 0.2) -> None:
-        self.pid, self.interval, self.peak = pid, interval, 0
+    RSS counts shared pages (libtorch, mapped once per process) in every process, so its
+    sum over-states; PSS splits each shared page between the processes that map it.
+    """
+
+    def __init__(self, pid: int, interval: float = 0.25) -> None:
+        self.pid, self.interval, self.peak, self.peak_pss = pid, interval, 0, 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -59,13 +63,16 @@ class TreeMemory:
                 procs = [root, *root.children(recursive=True)]
             except psutil.NoSuchProcess:
                 return
-            total = 0
+            total = pss = 0
             for p in procs:
                 try:
-                    total += p.memory_info().rss
+                    info = p.memory_full_info()
+                    total += info.rss
+                    pss += getattr(info, "pss", info.rss)
                 except (psutil.NoSuchProcess, psutil.AccessDenied):
                     pass
             self.peak = max(self.peak, total)
+            self.peak_pss = max(self.peak_pss, pss)
             self._stop.wait(self.interval)
 
 
@@ -111,6 +118,7 @@ def run_federated(hospitals: int, overrides: list[str]) -> dict[str, float]:
         "startup": marks[0] + (per_round[0] - steady),
         "teardown": wall - finished,
         "peak_rss_gb": memory.peak / 1e9,
+        "peak_pss_gb": memory.peak_pss / 1e9,
         "dice_test": float(dice),
         "dice_holdout": float(holdout),
         "run_dir": str(run_dir),
@@ -136,6 +144,7 @@ def run_plain_subprocess(hospitals: int, overrides: list[str]) -> dict[str, floa
         "total": sum(seconds),
         "steady_round": statistics.median(seconds),
         "peak_rss_gb": memory.peak / 1e9,
+        "peak_pss_gb": memory.peak_pss / 1e9,
         "dice_test": history[-1]["dice_mean"],
         "dice_holdout": history[-1]["holdout_dice_mean"],
     }
@@ -167,7 +176,8 @@ def main() -> None:
         ("fixed start-up (s): launch to steady rounds", f"{fed['startup']:.1f}", ""),
         ("fixed teardown (s): last round to exit", f"{fed['teardown']:.1f}", ""),
         ("fixed cost in all (s): wall - rounds x steady round", f"{fed['fixed']:.1f}", ""),
-        ("peak memory, all processes (GB)", f"{fed['peak_rss_gb']:.2f}", f"{plain['peak_rss_gb']:.2f}"),
+        ("peak memory, all processes, summed RSS (GB)", f"{fed['peak_rss_gb']:.2f}", f"{plain['peak_rss_gb']:.2f}"),
+        ("peak memory, all processes, summed PSS (GB)", f"{fed['peak_pss_gb']:.2f}", f"{plain['peak_pss_gb']:.2f}"),
         ("final mean foreground Dice, hospitals' test", f"{fed['dice_test']:.4f}", f"{plain['dice_test']:.4f}"),
         ("final mean foreground Dice, pooled holdout", f"{fed['dice_holdout']:.4f}", f"{plain['dice_holdout']:.4f}"),
     ]

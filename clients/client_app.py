@@ -1,14 +1,26 @@
-"""The Flower ClientApp: a thin adapter from Messages to :class:`clients.hospital.Hospital`."""
+"""The Flower ClientApp: a thin adapter from Messages to :class:`clients.hospital.Hospital`.
+
+State that outlives a round lives in ``context.state`` (the ClientApp object is rebuilt
+for every message): the hospital's privacy ledger (``privacy-ledger``) and its round
+bookkeeping (``hospital-status``).
+"""
 
 from __future__ import annotations
 
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+import math
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from clients.hospital import Hospital
+from privacy.ledger import PrivacyLedger
 from sims.config import config_from_run_config
 
 app = ClientApp()
+
+LEDGER_KEY = "privacy-ledger"
+STATUS_KEY = "hospital-status"
+BUDGET_EXHAUSTED = 4001  # Error code of a reply that declines a round to protect the budget
 
 
 def _hospital(context: Context) -> Hospital:
@@ -18,20 +30,56 @@ def _hospital(context: Context) -> Hospital:
     )
 
 
+def _ledger(context: Context) -> PrivacyLedger:
+    if LEDGER_KEY in context.state.config_records:
+        return PrivacyLedger.from_config(context.state.config_records[LEDGER_KEY])
+    return PrivacyLedger()
+
+
+def _status(context: Context) -> ConfigRecord:
+    if STATUS_KEY not in context.state.config_records:
+        context.state[STATUS_KEY] = ConfigRecord({"trained-round": -1, "steps": 0, "exhausted-round": 0})
+    return context.state.config_records[STATUS_KEY]
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """Load the global model, train locally, reply with weights and per-site metrics."""
+    """Train the global model locally (DP-SGD when sample-level DP is on) and reply."""
     hospital = _hospital(context)
     config = msg.content["config"]
     server_round = int(config["server-round"])
+    status = _status(context)
     model = hospital.new_model()
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
-    result = hospital.train(model, server_round, proximal_mu=float(config.get("proximal-mu", 0.0)))
+
+    if hospital.config.privacy.sample_level:
+        ledger = _ledger(context)
+        if not hospital.budget_allows(ledger, server_round):
+            if not status["exhausted-round"]:
+                status["exhausted-round"] = server_round
+            p = hospital.config.privacy
+            spent = ledger.epsilon(delta=p.delta)
+            projected = hospital.projected_epsilon(ledger, server_round)
+            reason = (
+                f"hospital {hospital.site} declines round {server_round} to protect its privacy budget: "
+                f"training would take its epsilon from {spent:.3f} to {projected:.3f}, above its target "
+                f"{p.target_epsilon:g} (delta {p.delta:g})"
+            )
+            return Message(Error(code=BUDGET_EXHAUSTED, reason=reason), reply_to=msg)
+        result, event = hospital.train_private(model, server_round)
+        ledger.append(event)
+        context.state[LEDGER_KEY] = ConfigRecord(ledger.to_config())
+    else:
+        result = hospital.train(model, server_round, proximal_mu=float(config.get("proximal-mu", 0.0)))
+    status["trained-round"] = server_round
+    status["steps"] = result.steps
+
     metrics = MetricRecord(
         {
             "train_loss": result.loss,
             "steps": result.steps,
             "num-examples": result.num_examples,
+            "uniform-weight": 1,
             "site": hospital.site,
             "server-round": server_round,
         }
@@ -42,17 +90,58 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    """Evaluate the global model on this hospital's test split."""
+    """Evaluate the global model on this hospital's test split; report its privacy state."""
     hospital = _hospital(context)
+    server_round = int(msg.content["config"]["server-round"])
     model = hospital.new_model()
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
     scores, n = hospital.evaluate(model, "test")
     metrics = MetricRecord(
         {
             **scores,
+            **_privacy_metrics(hospital, context, server_round),
             "num-examples": n,
+            "uniform-weight": 1,
             "site": hospital.site,
-            "server-round": int(msg.content["config"]["server-round"]),
+            "server-round": server_round,
         }
     )
     return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)
+
+
+def _privacy_metrics(hospital: Hospital, context: Context, server_round: int) -> dict[str, float]:
+    """This hospital's privacy state after ``server_round`` (``privacy_*`` keys).
+
+    Epsilon is recomputed from the whole ledger, with Opacus' RDP and PRV accountants.
+    Without sample-level DP the local training is not private: epsilon is infinite.
+    """
+    status = _status(context)
+    participated = int(status["trained-round"]) == server_round
+    p = hospital.config.privacy
+    if not p.sample_level:
+        steps = int(status["steps"]) if participated else 0
+        trained = int(status["trained-round"]) >= 0
+        eps = math.inf if trained else 0.0
+        return {
+            "privacy_participated": int(participated),
+            "privacy_steps": steps,
+            "privacy_sample_rate": 0.0,
+            "privacy_noise_multiplier": 0.0,
+            "privacy_epsilon_rdp": eps,
+            "privacy_epsilon_prv": eps,
+            "privacy_delta": p.delta,
+            "privacy_budget_exhausted": 0,
+        }
+    ledger = _ledger(context)
+    plan = hospital.dp_plan()
+    this_round = [e for e in ledger.events if e.round == server_round]
+    return {
+        "privacy_participated": int(participated),
+        "privacy_steps": sum(e.steps for e in this_round),
+        "privacy_sample_rate": plan.sample_rate,
+        "privacy_noise_multiplier": plan.noise_multiplier,
+        "privacy_epsilon_rdp": ledger.epsilon(delta=p.delta, accountant="rdp"),
+        "privacy_epsilon_prv": ledger.epsilon(delta=p.delta, accountant="prv"),
+        "privacy_delta": p.delta,
+        "privacy_budget_exhausted": int(bool(status["exhausted-round"])),
+    }

@@ -11,7 +11,11 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from clients.training import LocalTrainResult, train_one_round
+from clients.training import LocalTrainResult, augment_batch, make_loss, train_one_round
+from privacy.accounting import calibrate_noise_multiplier, epsilon, would_exceed
+from privacy.dpsgd import sample_rate, steps_per_epoch, train_dp_round
+from privacy.events import DPEvent
+from privacy.ledger import PrivacyLedger
 from sims.anatomy import class_names
 from sims.config import FedscanConfig, round_lr
 from sims.evaluation import evaluate_segmentation
@@ -67,7 +71,67 @@ class Hospital:
             proximal_mu=proximal_mu,
         )
 
+    # ------------------------------------------------------------------ privacy
+
+    def dp_plan(self) -> DPEvent:
+        """This hospital's per-round DP-SGD event as planned (``round`` left at 0).
+
+        Sample rate ``q = batch_size / n_train``; ``local_epochs * round(1/q)`` steps per
+        round; the noise multiplier is calibrated (with a target and ``calibrate_noise``)
+        so that *every* planned round together meets the target: planning for all rounds
+        is the conservative choice when hospitals are sampled.
+        """
+        n = len(self.data("train")[0])
+        t, p = self.config.train, self.config.privacy
+        q = sample_rate(n, t.batch_size)
+        steps = t.local_epochs * steps_per_epoch(n, t.batch_size)
+        sigma = p.noise_multiplier
+        if p.target_epsilon is not None and p.calibrate_noise:
+            sigma = _calibrated(p.target_epsilon, p.delta, q, steps * t.num_server_rounds)
+        return DPEvent(round=0, noise_multiplier=sigma, sample_rate=q, steps=steps)
+
+    def projected_epsilon(self, ledger: PrivacyLedger, server_round: int) -> float:
+        """Epsilon (RDP) this hospital would have after taking ``server_round`` as planned."""
+        plan = self.dp_plan()
+        event = DPEvent(server_round, plan.noise_multiplier, plan.sample_rate, plan.steps)
+        return epsilon([*ledger.events, event], delta=self.config.privacy.delta)
+
+    def budget_allows(self, ledger: PrivacyLedger, server_round: int) -> bool:
+        """The budget guard: may this hospital take its next round without overshooting?"""
+        p = self.config.privacy
+        if p.target_epsilon is None:
+            return True
+        plan = self.dp_plan()
+        event = DPEvent(server_round, plan.noise_multiplier, plan.sample_rate, plan.steps)
+        return not would_exceed(ledger.events, event, target_epsilon=p.target_epsilon, delta=p.delta)
+
+    def train_private(self, model: torch.nn.Module, server_round: int) -> tuple[LocalTrainResult, DPEvent]:
+        """One round of DP-SGD (Opacus) on the train split, in place; returns its ledger event."""
+        images, labels = self.data("train")
+        plan = self.dp_plan()
+        t, p = self.config.train, self.config.privacy
+        result = train_dp_round(
+            model,
+            torch.from_numpy(images),
+            torch.from_numpy(labels),
+            loss_fn=make_loss(),
+            steps=plan.steps,
+            sample_rate=plan.sample_rate,
+            noise_multiplier=plan.noise_multiplier,
+            max_grad_norm=p.max_grad_norm,
+            lr=round_lr(t, server_round),
+            generator=make_torch_generator(self.config.seed, self.site, server_round, "dp-sgd"),
+            transform=augment_batch if self.config.world.augment else None,
+        )
+        event = DPEvent(server_round, plan.noise_multiplier, plan.sample_rate, result.steps)
+        return LocalTrainResult(loss=result.loss, steps=result.steps, num_examples=len(images)), event
+
     def evaluate(self, model: torch.nn.Module, split: str = "test") -> tuple[dict[str, float], int]:
         """Dice scores of ``model`` on one split, and the number of patients in it."""
         images, labels = self.data(split)
         return evaluate_segmentation(model, images, labels, class_names(self.config.world.lesions)), len(images)
+
+
+@lru_cache(maxsize=64)
+def _calibrated(target: float, delta: float, q: float, steps: int) -> float:
+    return calibrate_noise_multiplier(target_epsilon=target, delta=delta, sample_rate=q, steps=steps)

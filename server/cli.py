@@ -344,8 +344,10 @@ def command_run(args: argparse.Namespace, passthrough: list[str]) -> int:
     env = flower_env(project)
     stage = stage_app(project, project / ".flwr" / "stage" / str(os.getpid()))
     command = ["flwr", "run", str(stage), "local", "--stream"]
-    for key, value in run_config.items():
-        command += ["--run-config", f"{key}={_toml_value(value)}"]
+    # One --run-config for all pairs: flwr merges separate ones with a shallow dict
+    # update, so `-c privacy.mode=... -c privacy.delta=...` would keep only the last
+    # key of the `privacy` table.
+    command += ["--run-config", " ".join(f"{key}={_toml_value(value)}" for key, value in run_config.items())]
     command += ["--federation-config", " ".join(f"{k}={_toml_value(v)}" for k, v in federation.items())]
     command += passthrough
 

@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict
-from logging import INFO
+from logging import INFO, WARNING
 
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
+from privacy.report import build_report
 from server.evaluation import GlobalEvaluator
 from server.outputs import RunOutputs
+from server.pretraining import pretrain_on_public_data
+from server.privacy_log import PrivacyLog
 from server.site_metrics import SiteMetrics
 from server.strategies import make_strategy
 from sims.anatomy import class_names
-from sims.config import config_from_run_config
+from sims.config import config_from_run_config, privacy_warnings
 from sims.hospitals import make_federation
 from sims.model import make_model
 
@@ -52,10 +55,19 @@ def main(grid: Grid, context: Context) -> None:
         hospitals=[asdict(s) for s in specs],
     )
     log(INFO, "fedscan: %d hospitals, outputs in %s", num_hospitals, outputs.run_dir)
+    for note in privacy_warnings(config):
+        log(WARNING, "fedscan: %s", note)
 
     classes = class_names(config.world.lesions)
     model = make_model(len(classes), config.train.unet_channels, seed=config.seed)
-    strategy = make_strategy(config.train, num_hospitals, SiteMetrics(outputs.add))
+    if config.privacy.pretrain_epochs:
+        loss = pretrain_on_public_data(model, config)
+        log(INFO, "fedscan: pre-trained %d epochs on public template slices (loss %.4f)",
+            config.privacy.pretrain_epochs, loss)
+    privacy_log = PrivacyLog(outputs.run_dir, config.privacy, num_hospitals)
+    strategy = make_strategy(
+        config.train, num_hospitals, SiteMetrics(outputs.add, privacy_log.add_round), config.privacy
+    )
     evaluator = GlobalEvaluator(config, specs, make_model(len(classes), config.train.unet_channels), outputs.add)
     started = time.monotonic()
     strategy.start(
@@ -71,10 +83,12 @@ def main(grid: Grid, context: Context) -> None:
             "run folder": outputs.run_dir.name,
             "hospitals": num_hospitals,
             "strategy": config.train.strategy,
+            "privacy": config.privacy.mode,
             "rounds": config.train.num_server_rounds,
             "seed": config.seed,
             "classes": ", ".join(classes[1:]),
             "training wall time (s)": f"{time.monotonic() - started:.1f}",
         },
     )
-    log(INFO, "fedscan: summary written to %s", outputs.run_dir / "summary.md")
+    build_report(outputs.run_dir)
+    log(INFO, "fedscan: summary and privacy report written to %s", outputs.run_dir)

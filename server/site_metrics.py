@@ -2,8 +2,9 @@
 
 Flower strategies take ``train_metrics_aggr_fn`` / ``evaluate_metrics_aggr_fn``;
 :class:`SiteMetrics` provides both. Each records one row per hospital and metric (the
-hospital echoes its ``site`` and ``server-round``) and then returns Flower's usual
-weighted average for the log, plus the ``global`` rows.
+hospital echoes its ``site`` and ``server-round``) and returns, for Flower's log, the
+weighted mean of the model metrics and the *worst case* (max) of the privacy ones.
+Privacy metrics (``privacy_*``) go to their own sink: epsilon is never averaged.
 """
 
 from __future__ import annotations
@@ -11,18 +12,25 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from flwr.app import MetricRecord, RecordDict
-from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from server.outputs import MetricRow
 
-BOOKKEEPING = ("site", "server-round", "num-examples")
+BOOKKEEPING = ("site", "server-round", "num-examples", "uniform-weight")
+PRIVACY_PREFIX = "privacy_"
+
+PrivacyRow = dict[str, float | int | str]
 
 
 class SiteMetrics:
-    """Aggregation callbacks that forward per-site rows to ``sink``."""
+    """Aggregation callbacks that forward per-site rows to ``sink`` and ``privacy_sink``."""
 
-    def __init__(self, sink: Callable[[list[MetricRow]], None]) -> None:
+    def __init__(
+        self,
+        sink: Callable[[list[MetricRow]], None],
+        privacy_sink: Callable[[int, list[PrivacyRow]], None] | None = None,
+    ) -> None:
         self._sink = sink
+        self._privacy_sink = privacy_sink
 
     def train(self, contents: list[RecordDict], weighted_by_key: str) -> MetricRecord:
         return self._collect(contents, weighted_by_key, split="train")
@@ -32,21 +40,34 @@ class SiteMetrics:
 
     def _collect(self, contents: list[RecordDict], weighted_by_key: str, *, split: str) -> MetricRecord:
         rows: list[MetricRow] = []
+        privacy: list[PrivacyRow] = []
         server_round = 0
+        sums: dict[str, float] = {}
+        worst: dict[str, float] = {}
+        total_weight = 0.0
         for content in contents:
             record = _metric_record(content)
             site = str(int(record["site"]))
             server_round = int(record["server-round"])
-            rows += [
-                MetricRow(server_round, site, split, key, float(value))
-                for key, value in record.items()
-                if key not in BOOKKEEPING
-            ]
-        mean = aggregate_metricrecords(contents, weighted_by_key)
-        averaged = {k: v for k, v in mean.items() if k not in BOOKKEEPING}
-        rows += [MetricRow(server_round, "global", split, k, float(v)) for k, v in averaged.items()]
+            weight = float(record[weighted_by_key])
+            total_weight += weight
+            private = {k[len(PRIVACY_PREFIX) :]: v for k, v in record.items() if k.startswith(PRIVACY_PREFIX)}
+            if private:
+                privacy.append({"site": site, **private})
+                for key in ("epsilon_rdp", "epsilon_prv"):
+                    if key in private:
+                        worst[key] = max(worst.get(key, 0.0), float(private[key]))
+            for key, value in record.items():
+                if key in BOOKKEEPING or key.startswith(PRIVACY_PREFIX):
+                    continue
+                rows.append(MetricRow(server_round, site, split, key, float(value)))
+                sums[key] = sums.get(key, 0.0) + weight * float(value)
+        averaged = {k: v / total_weight for k, v in sums.items()} if total_weight else {}
+        rows += [MetricRow(server_round, "global", split, k, v) for k, v in averaged.items()]
         self._sink(rows)
-        return MetricRecord(averaged)
+        if privacy and self._privacy_sink is not None:
+            self._privacy_sink(server_round, privacy)
+        return MetricRecord({**averaged, **{f"{k}_worst": v for k, v in worst.items()}})
 
 
 def _metric_record(content: RecordDict) -> MetricRecord:

@@ -89,6 +89,11 @@ class PrivacySpec:
         fixed-clipping DP-FedAvg wrapper.
     clients_per_round : int
         Hospitals sampled each round in client-level modes (0 = all).
+    calibrate_noise : bool
+        With a ``target_epsilon``: ``True`` calibrates the noise multiplier to meet the
+        target at the end of the planned run; ``False`` keeps ``noise_multiplier`` and uses
+        the target only as the budget cap of the guard (a hospital declines the round that
+        would overshoot it).
     pretrain_epochs : int
         Epochs of server-side pre-training on public, un-shifted template slices before
         round 1 (costs no patient privacy).
@@ -102,6 +107,7 @@ class PrivacySpec:
     client_noise_multiplier: float = 0.5
     client_clipping_norm: float = 10.0
     clients_per_round: int = 0
+    calibrate_noise: bool = True
     pretrain_epochs: int = 0
 
     @property
@@ -257,6 +263,7 @@ KEYS: dict[str, tuple[str, str, _Parser]] = {
     "privacy.client-noise-multiplier": ("privacy", "client_noise_multiplier", _float_in(0.0, 1e4)),
     "privacy.client-clipping-norm": ("privacy", "client_clipping_norm", _float_in(0.0, 1e6, lo_open=True)),
     "privacy.clients-per-round": ("privacy", "clients_per_round", _int_in(0, 10**6)),
+    "privacy.calibrate-noise": ("privacy", "calibrate_noise", _bool),
     "privacy.pretrain-epochs": ("privacy", "pretrain_epochs", _int_in(0, 1000)),
     "output-dir": ("paths", "output_dir", _path),
     "cache-dir": ("paths", "cache_dir", _path),
@@ -336,7 +343,7 @@ def privacy_warnings(config: FedscanConfig) -> list[str]:
     """Legal but probably unintended settings, one sentence each."""
     p = config.privacy
     notes = []
-    if p.sample_level and p.target_epsilon is None and p.noise_multiplier == 0:
+    if p.sample_level and not (p.target_epsilon and p.calibrate_noise) and p.noise_multiplier == 0:
         notes.append("privacy.noise-multiplier = 0 with sample-level DP on gives no privacy (epsilon = inf).")
     if p.client_level and p.client_noise_multiplier == 0:
         notes.append("privacy.client-noise-multiplier = 0 with client-level DP on gives no privacy (epsilon = inf).")

@@ -30,7 +30,7 @@ import numpy as np
 from scipy import ndimage
 
 from sims.anatomy import BACKGROUND, GREY_MATTER, LESION, WHITE_MATTER, load_anatomy
-from sims.scanners import ScannerProfile, apply_scanner, make_scanner_profile
+from sims.scanners import IDENTITY_SCANNER, ScannerProfile, apply_scanner, make_scanner_profile
 from sims.seeding import make_rng
 from sims.world import MIN_PATIENTS, WorldSpec, _invalid, _is_int, _is_real  # noqa: F401 (re-exported)
 
@@ -545,3 +545,26 @@ def _holdout(world: WorldSpec, spec: HospitalSpec, cache_dir: str | Path | None)
     data = _generate_hospital(world, spec, ("holdout",))
     _write_cache(path, data)
     return data["holdout"]
+
+
+PUBLIC_HOSPITAL_ID = 999_999
+"""Id of the public cohort: template slices through a perfect scanner, no patient in it."""
+
+
+def make_public_cohort(world: WorldSpec, num_patients: int = 400) -> HospitalSpec:
+    """A *public* data set: un-shifted template slices (identity scanner).
+
+    The ICBM152 template is public, and the geometry and lesion generators are part of
+    the simulator, not of any hospital, so pre-training on this cohort costs no patient
+    privacy. Lesions appear at prevalence 0.5 with the middle of the hospitals' sizes.
+    """
+    scale = world.image_size / 96
+    (low_lo, low_hi), (width_lo, width_hi) = _LESION_RADIUS_96
+    low = scale * (low_lo + low_hi) / 2
+    return HospitalSpec(
+        hospital_id=PUBLIC_HOSPITAL_ID,
+        num_patients=num_patients,
+        lesion_prevalence=0.5 if world.lesions else 0.0,
+        lesion_radius=(low, low + scale * (width_lo + width_hi) / 2),
+        scanner=IDENTITY_SCANNER,
+    )

@@ -58,7 +58,13 @@ def _parse_pairs(values: Sequence[str], what: str) -> dict[str, Any]:
     from flwr.common.config import parse_config_args
 
     try:
-        return dict(parse_config_args(list(values)) if values else {})
+        # Parse each -c on its own and merge the *flattened* pairs: flwr's own merge
+        # is a shallow dict update, which drops `privacy.mode` when a later -c sets
+        # `privacy.delta`.
+        merged: dict[str, Any] = {}
+        for value in values:
+            merged.update(parse_config_args([value]))
+        return merged
     except FileNotFoundError as err:
         raise UserError(f"The {what} file '{err.filename}' does not exist.") from None
     except Exception as err:  # click.ClickException / ValueError / TOMLDecodeError

@@ -115,3 +115,44 @@ def test_unusable_cache_folder_is_refused_before_any_run(tmp_path: Path) -> None
     assert proc.stderr.strip() == (
         f"fedscan: error: The 'cache-dir' parameter must be a folder. Got '{blocker / 'sub'}', but '{blocker}' is a file."
     )
+
+
+@pytest.mark.e2e
+def test_budget_guard_stops_a_hospital_at_its_target_and_privacy_report_is_written(tmp_path: Path) -> None:
+    # Fixed noise 1.88 at q = 8/28 and 8 steps a round gives epsilon 1.71, 2.42, 2.99
+    # after rounds 1-3 (delta 1e-3): with a budget of 2.5 each hospital must sit out round 3.
+    out_dir = tmp_path / "outputs"
+    privacy = (
+        "privacy.mode='both' privacy.target-epsilon=2.5 privacy.calibrate-noise=false "
+        "privacy.noise-multiplier=1.88 privacy.delta=1e-3 patients-per-hospital=40"
+    )
+
+    proc = _fedscan(
+        "--hospitals", "2", "-c", TINY, "-c", "num-server-rounds=3",
+        "-c", f"{privacy} output-dir='{out_dir}' cache-dir='{tmp_path / 'c'}'",
+    )
+
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "declines round 3 to protect its privacy budget" in proc.stdout
+    run_dir = (out_dir / "latest").resolve()
+    privacy_csv = pd.read_csv(run_dir / "privacy.csv", dtype={"site": str})
+    assert list(privacy_csv.columns) == [
+        "round", "site", "participated", "steps", "sample_rate", "noise_multiplier",
+        "epsilon_rdp", "epsilon_prv", "delta", "budget_exhausted",
+    ]
+    hospitals = privacy_csv[privacy_csv["site"] != "client-level"]
+    assert len(hospitals) == 2 * 3
+    assert (hospitals["epsilon_rdp"] <= 2.5).all()
+    for site in ("0", "1"):
+        rows = hospitals[hospitals["site"] == site].set_index("round")
+        assert rows.loc[[1, 2], "participated"].tolist() == [1, 1]
+        assert rows.loc[3, "participated"] == 0 and rows.loc[3, "steps"] == 0
+        assert rows.loc[3, "budget_exhausted"] == 1 and rows.loc[2, "budget_exhausted"] == 0
+        assert rows.loc[3, "epsilon_rdp"] == rows.loc[2, "epsilon_rdp"]  # sitting out spends nothing
+        assert rows.loc[1, "epsilon_rdp"] < rows.loc[2, "epsilon_rdp"]
+        assert (rows["epsilon_prv"] <= rows["epsilon_rdp"]).all()
+    client = privacy_csv[privacy_csv["site"] == "client-level"]
+    assert client["round"].tolist() == [1, 2, 3] and client["epsilon_rdp"].is_monotonic_increasing
+    report = (run_dir / "privacy_report.md").read_text()
+    assert "ran out of budget in round 3" in report
+    assert "data:image/png;base64," in (run_dir / "privacy_report.html").read_text()

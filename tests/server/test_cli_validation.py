@@ -43,3 +43,11 @@ def test_not_a_fedscan_project(tmp_path: Path, capsys: pytest.CaptureFixture[str
 
     assert code == EXIT_USER_ERROR
     assert "No pyproject.toml" in capsys.readouterr().err
+
+
+def test_run_config_lines_merge_nested_keys() -> None:
+    from server.cli import _parse_pairs
+
+    merged = _parse_pairs(["privacy.mode='sample' lr=0.01", "privacy.delta=1e-6", "lr=0.02"], "run config")
+
+    assert merged == {"privacy.mode": "sample", "privacy.delta": 1e-6, "lr": 0.02}

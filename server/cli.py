@@ -411,6 +411,18 @@ def command_run(args: argparse.Namespace, passthrough: list[str]) -> int:
     return 0
 
 
+def command_report(args: argparse.Namespace) -> int:
+    """Rebuild ``privacy_report.md`` and ``privacy_report.html`` from a run's files."""
+    from privacy.report import ReportError, build_report
+
+    try:
+        md, html = build_report(args.run_dir)
+    except ReportError as err:
+        raise UserError(str(err)) from None
+    print(f"fedscan: wrote {md} and {html}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedscan", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -423,6 +435,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("-c", "--run-config", action="append", default=[], help="'key=value ...' or a .toml file")
     run.add_argument("--federation-config", action="append", default=[], help="'num-supernodes=4 ...'")
     run.add_argument("--hospitals", type=int, default=None, help="shortcut for num-supernodes")
+    report = sub.add_parser(
+        "report",
+        help="rebuild a run's privacy-budget report",
+        description="Rebuild privacy_report.md and privacy_report.html from RUN_DIR's privacy.csv, "
+        "metrics.csv and config.json.",
+    )
+    report.add_argument("run_dir", metavar="RUN_DIR", help="a run folder, e.g. outputs/latest")
     return parser
 
 
@@ -436,6 +455,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "run":
             return command_run(args, passthrough)
+        if passthrough:
+            parser.error(f"unrecognized arguments: {' '.join(passthrough)}")
+        if args.command == "report":
+            return command_report(args)
     except UserError as err:
         print(f"fedscan: error: {err}", file=sys.stderr)
         return EXIT_USER_ERROR

@@ -51,3 +51,21 @@ def test_run_config_lines_merge_nested_keys() -> None:
     merged = _parse_pairs(["privacy.mode='sample' lr=0.01", "privacy.delta=1e-6", "lr=0.02"], "run config")
 
     assert merged == {"privacy.mode": "sample", "privacy.delta": 1e-6, "lr": 0.02}
+
+
+def test_report_rebuilds_from_run_files_and_refuses_a_missing_folder(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from server.outputs import MetricRow, RunOutputs
+
+    out = RunOutputs.create(tmp_path, "r")
+    out.write_config({"privacy": {"mode": "off", "target_epsilon": None, "delta": 1e-5}}, seed=0, num_hospitals=1)
+    out.add([MetricRow(1, "0", "test", "dice_mean", 0.5)])
+
+    assert main(["report", str(out.run_dir)]) == 0
+    assert "Privacy was off in this run." in (out.run_dir / "privacy_report.md").read_text()
+    assert (out.run_dir / "privacy_report.html").exists()
+
+    assert main(["report", str(tmp_path / "nope")]) == EXIT_USER_ERROR
+    err = capsys.readouterr().err
+    assert "nope" in err and len(err.strip().splitlines()) == 1

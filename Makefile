@@ -25,6 +25,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.bench_federation
+	$(PY) -m benchmarks.bench_dp
 
 clean:
 	rm -rf .cache .flwr .ray outputs .pytest_cache

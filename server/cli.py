@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from sims.config import ConfigError, check_known_keys, config_from_run_config
+from sims.config import ConfigError, check_known_keys, config_from_run_config, privacy_warnings
 
 DEFAULT_HOSPITALS = 4
 DEFAULT_CPUS_PER_HOSPITAL = 1
@@ -96,7 +96,7 @@ def project_defaults(project: Path) -> dict[str, Any]:
         raise UserError(f"'{path}' has no valid [tool.flwr.app.config] table ({err}).") from None
 
 
-def resolve_run_config(project: Path, overrides: dict[str, Any]) -> dict[str, Any]:
+def resolve_run_config(project: Path, overrides: dict[str, Any], hospitals: int | None = None) -> dict[str, Any]:
     """Validate user overrides against the declared keys and make paths absolute.
 
     Returns the overrides to pass on to ``flwr run`` (paths resolved against the
@@ -105,9 +105,15 @@ def resolve_run_config(project: Path, overrides: dict[str, Any]) -> dict[str, An
     try:
         check_known_keys(list(overrides))
         merged = {**project_defaults(project), **overrides}
-        config_from_run_config(merged)
+        config = config_from_run_config(merged)
+        if config.privacy.sample_level and hospitals is not None:
+            from server.privacy_plan import check_privacy_plan
+
+            check_privacy_plan(config, hospitals)
     except ConfigError as err:
         raise UserError(str(err)) from None
+    for note in privacy_warnings(config):
+        print(f"fedscan: warning: {note}", file=sys.stderr)
     resolved = dict(overrides)
     for key in ("output-dir", "cache-dir"):
         folder = (Path.cwd() / str(merged[key])).resolve()
@@ -344,8 +350,8 @@ def _find_run_dir(output_dir: Path, run_id: str) -> Path | None:
 def command_run(args: argparse.Namespace, passthrough: list[str]) -> int:
     project = Path(args.app).resolve()
     overrides = _parse_pairs(args.run_config, "run config")
-    run_config = resolve_run_config(project, overrides)
     federation = resolve_federation(_parse_pairs(args.federation_config, "federation config"), args.hospitals)
+    run_config = resolve_run_config(project, overrides, federation["num-supernodes"])
 
     env = flower_env(project)
     stage = stage_app(project, project / ".flwr" / "stage" / str(os.getpid()))

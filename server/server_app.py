@@ -15,6 +15,7 @@ from server.evaluation import GlobalEvaluator
 from server.outputs import RunOutputs
 from server.pretraining import pretrain_on_public_data
 from server.privacy_log import PrivacyLog
+from server.privacy_plan import check_privacy_plan
 from server.site_metrics import SiteMetrics
 from server.strategies import make_strategy
 from sims.anatomy import class_names
@@ -45,6 +46,7 @@ def _wait_for_hospitals(grid: Grid, timeout: float = 60.0) -> int:
 def main(grid: Grid, context: Context) -> None:
     config = config_from_run_config(context.run_config)
     num_hospitals = _wait_for_hospitals(grid)
+    check_privacy_plan(config, num_hospitals)
     specs = make_federation(config.world, num_hospitals)
     outputs = RunOutputs.create(config.output_dir, f"run{context.run_id}")
     outputs.write_config(

@@ -69,3 +69,29 @@ def test_report_rebuilds_from_run_files_and_refuses_a_missing_folder(
     assert main(["report", str(tmp_path / "nope")]) == EXIT_USER_ERROR
     err = capsys.readouterr().err
     assert "nope" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    ("config", "expected"),
+    [
+        (
+            "privacy.mode='sample' privacy.target-epsilon=1.0 privacy.calibrate-noise=false privacy.noise-multiplier=0.3",
+            "cannot be met with the planned steps: one round of hospital 0",
+        ),
+        ("privacy.mode='sample' privacy.delta=0.5", "'privacy.delta' parameter must be below 1 / (patients"),
+        ("privacy.mode='sample' privacy.target-epsilon=-2", "The 'privacy.target-epsilon' parameter must be a float in (0, inf)"),
+        ("privacy.mode='sample' privacy.max-grad-norm=0", "The 'privacy.max-grad-norm' parameter must be a float in (0, 1e+06]"),
+        ("privacy.mode='sample' privacy.noise-multiplier=-1", "The 'privacy.noise-multiplier' parameter must be a float"),
+    ],
+)
+def test_privacy_mistakes_stop_before_training(
+    config: str, expected: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(ROOT)
+
+    code = main(["run", "-c", config])
+
+    err = capsys.readouterr().err
+    assert code == EXIT_USER_ERROR
+    assert expected in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1

@@ -15,6 +15,11 @@ install: $(STAMP)
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
 	PIP_CONSTRAINT=$(abspath $(CONSTRAINTS)) $(PIP) install -c $(CONSTRAINTS) -e '.[test]'
+	# Google's dp-accounting is the tests' independent epsilon oracle. Every release pins
+	# attrs<24 (or numpy 1.x), which clashes with flwr's pins; it works with ours, so it
+	# is installed without its pins, its real dependencies pinned here instead.
+	PIP_CONSTRAINT=$(abspath $(CONSTRAINTS)) $(PIP) install -c $(CONSTRAINTS) absl-py dm-tree wrapt
+	$(PIP) install --no-deps dp-accounting==0.6.0
 	@touch $@
 
 run: $(STAMP)

@@ -187,10 +187,8 @@ def calibrate_noise_multiplier(
         planned = DPEvent(round_, sigma, sample_rate, steps)
         return _epsilon(_history([*spent, planned]), delta=delta, accountant=accountant)
 
-    # RDP probes reuse the spent events' RDP; PRV has no such shortcut. The probes are quiet
-    # (Opacus warns on extreme RDP orders at nearly every probe); the final check below is
-    # not, so the caller sees the warnings of the answer only.
-    probe = _rdp_probe(spent_history, sample_rate, steps, delta) if accountant == "rdp" else eps_at
+    # The probes are quiet (Opacus warns on extreme RDP orders at nearly every probe); the
+    # final check below is not, so the caller sees the warnings of the answer only.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         already = _epsilon(spent_history, delta=delta, accountant=accountant)
@@ -200,6 +198,8 @@ def calibrate_noise_multiplier(
                 f"events already have epsilon={already:.4g} (delta={delta:g}, {accountant}), "
                 f"and any further step adds to it."
             )
+        # RDP probes reuse the spent events' RDP vector; PRV has no such shortcut.
+        probe = _rdp_probe(spent_history, sample_rate, steps, delta) if accountant == "rdp" else eps_at
         sigma_low, sigma_high = 0.0, 1.0
         eps_high = probe(sigma_high)
         while eps_high > target_epsilon:
@@ -316,7 +316,9 @@ def client_level_epsilon(*, noise_multiplier: float, sample_rate: float, rounds:
     sample_rate = check_float("sample_rate", sample_rate, owner=owner, low=0.0, high=1.0, low_open=True)
     rounds = check_int("rounds", rounds, owner=owner, low=0)
     delta = _check_delta(delta, owner=owner)
-    return _epsilon(_history([DPEvent(1, noise_multiplier, sample_rate, rounds)]), delta=delta, accountant="rdp")
+    return _epsilon(
+        _history([DPEvent(1, noise_multiplier, sample_rate, rounds)]), delta=delta, accountant="rdp"
+    )
 
 
 # --- internals ----------------------------------------------------------------------------
@@ -360,12 +362,17 @@ def _rdp_probe(spent: _History, sample_rate: float, steps: int, delta: float) ->
     without recomputing the spent events at every probe of the calibration."""
     orders = RDPAccountant.DEFAULT_ALPHAS
     spent_rdp = sum(
-        (rdp_analysis.compute_rdp(q=q, noise_multiplier=sigma, steps=n, orders=orders) for sigma, q, n in spent),
+        (
+            rdp_analysis.compute_rdp(q=q, noise_multiplier=sigma, steps=n, orders=orders)
+            for sigma, q, n in spent
+        ),
         np.zeros(len(orders)),
     )
 
     def probe(sigma: float) -> float:
-        rdp = spent_rdp + rdp_analysis.compute_rdp(q=sample_rate, noise_multiplier=sigma, steps=steps, orders=orders)
+        rdp = spent_rdp + rdp_analysis.compute_rdp(
+            q=sample_rate, noise_multiplier=sigma, steps=steps, orders=orders
+        )
         eps, _ = rdp_analysis.get_privacy_spent(orders=orders, rdp=rdp, delta=delta)
         return float(eps)
 

@@ -82,9 +82,7 @@ class DPEvent:
         object.__setattr__(
             self,
             "sample_rate",
-            check_float(
-                "sample_rate", self.sample_rate, owner=owner, low=0.0, high=1.0, low_open=True
-            ),
+            check_float("sample_rate", self.sample_rate, owner=owner, low=0.0, high=1.0, low_open=True),
         )
         object.__setattr__(self, "steps", check_int("steps", self.steps, owner=owner, low=0))
 
@@ -115,8 +113,7 @@ class DPEvent:
         """
         if not isinstance(d, Mapping):
             raise InvalidParameterError(
-                f"The 'd' parameter of DPEvent.from_dict must be a mapping. "
-                f"Got {type(d).__name__} instead."
+                f"The 'd' parameter of DPEvent.from_dict must be a mapping. Got {type(d).__name__} instead."
             )
         missing = [name for name in _FIELDS if name not in d]
         unknown = sorted(str(key) for key in d if key not in _FIELDS)

@@ -12,7 +12,12 @@ from privacy.events import DPEvent, InvalidParameterError
 
 
 def test_fields_are_normalised_to_plain_python_numbers() -> None:
-    event = DPEvent(round=np.int64(3), noise_multiplier=np.float32(1.5), sample_rate=1, steps=np.uint8(7))
+    event = DPEvent(
+        round=np.int64(3),  # type: ignore[arg-type]
+        noise_multiplier=np.float32(1.5),  # type: ignore[arg-type]
+        sample_rate=1,
+        steps=np.uint8(7),  # type: ignore[arg-type]
+    )
 
     assert (event.round, event.noise_multiplier, event.sample_rate, event.steps) == (3, 1.5, 1.0, 7)
     assert [type(v) for v in event.to_dict().values()] == [int, float, float, int]
@@ -48,11 +53,19 @@ def test_boundary_values_are_allowed() -> None:
     [
         ("round", -1, r"The 'round' parameter of DPEvent must be an int in \[0, inf\)\. Got -1 instead\."),
         ("round", 1.0, r"'round' parameter of DPEvent must be an int in \[0, inf\)\. Got 1\.0 instead\."),
-        ("noise_multiplier", -0.5, r"'noise_multiplier' parameter of DPEvent must be a float in \[0, inf\)\. Got -0\.5"),
+        (
+            "noise_multiplier",
+            -0.5,
+            r"'noise_multiplier' parameter of DPEvent must be a float in \[0, inf\)\. Got -0\.5",
+        ),
         ("noise_multiplier", math.inf, r"'noise_multiplier' .* \[0, inf\)\. Got inf instead\."),
         ("noise_multiplier", math.nan, r"'noise_multiplier' .* Got nan instead\."),
         ("noise_multiplier", "1.0", r"'noise_multiplier' .* Got '1\.0' instead\."),
-        ("sample_rate", 0.0, r"'sample_rate' parameter of DPEvent must be a float in \(0, 1\]\. Got 0\.0 instead\."),
+        (
+            "sample_rate",
+            0.0,
+            r"'sample_rate' parameter of DPEvent must be a float in \(0, 1\]\. Got 0\.0 instead\.",
+        ),
         ("sample_rate", 1.5, r"'sample_rate' .* \(0, 1\]\. Got 1\.5 instead\."),
         ("sample_rate", True, r"'sample_rate' .* Got True instead\."),
         ("steps", -3, r"'steps' parameter of DPEvent must be an int in \[0, inf\)\. Got -3 instead\."),

@@ -90,7 +90,9 @@ def test_constructor_applies_the_append_only_rule() -> None:
 
 
 def test_non_events_are_rejected_with_their_type() -> None:
-    with pytest.raises(TypeError, match=r"'event' parameter of PrivacyLedger\.append must be a DPEvent\. Got dict"):
+    with pytest.raises(
+        TypeError, match=r"'event' parameter of PrivacyLedger\.append must be a DPEvent\. Got dict"
+    ):
         PrivacyLedger().append(HISTORY[0].to_dict())  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"must be an iterable of DPEvent\. Got tuple at position 1 instead"):
         PrivacyLedger([HISTORY[0], (2, 1.0, 0.1, 3)])  # type: ignore[list-item]
@@ -127,7 +129,9 @@ def test_config_survives_a_flower_config_record() -> None:
     record = record_module.ConfigRecord(ledger.to_config())
 
     assert PrivacyLedger.from_config(record) == ledger
-    assert PrivacyLedger.from_config(record_module.ConfigRecord(PrivacyLedger().to_config())) == PrivacyLedger()
+    assert (
+        PrivacyLedger.from_config(record_module.ConfigRecord(PrivacyLedger().to_config())) == PrivacyLedger()
+    )
 
 
 def test_from_config_ignores_other_keys() -> None:
@@ -150,9 +154,18 @@ def test_from_config_requires_equal_column_lengths() -> None:
 @pytest.mark.parametrize(
     ("record", "expected"),
     [
-        ({"round": [1], "noise_multiplier": [1.0], "sample_rate": [0.1]}, r"must have the columns .* Missing steps\."),
-        ({"round": 1, "noise_multiplier": [1.0], "sample_rate": [0.1], "steps": [1]}, r"'round' column .* list\. Got int"),
-        ({"round": [1], "noise_multiplier": [-1.0], "sample_rate": [0.1], "steps": [1]}, r"'noise_multiplier' .* Got -1\.0"),
+        (
+            {"round": [1], "noise_multiplier": [1.0], "sample_rate": [0.1]},
+            r"must have the columns .* Missing steps\.",
+        ),
+        (
+            {"round": 1, "noise_multiplier": [1.0], "sample_rate": [0.1], "steps": [1]},
+            r"'round' column .* list\. Got int",
+        ),
+        (
+            {"round": [1], "noise_multiplier": [-1.0], "sample_rate": [0.1], "steps": [1]},
+            r"'noise_multiplier' .* Got -1\.0",
+        ),
         ([1, 2], r"'record' parameter of PrivacyLedger\.from_config must be a mapping\. Got list instead\."),
     ],
 )

@@ -12,8 +12,6 @@ import numpy as np
 import torch
 
 from clients.training import LocalTrainResult, augment_batch, make_loss, train_one_round
-from privacy.accounting import calibrate_noise_multiplier, epsilon, would_exceed
-from privacy.dpsgd import sample_rate, steps_per_epoch, train_dp_round
 from privacy.events import DPEvent
 from privacy.ledger import PrivacyLedger
 from sims.anatomy import class_names
@@ -81,6 +79,8 @@ class Hospital:
         so that *every* planned round together meets the target: planning for all rounds
         is the conservative choice when hospitals are sampled.
         """
+        from privacy.dpsgd import sample_rate, steps_per_epoch  # Opacus loads lazily: 0.7 s
+
         n = len(self.data("train")[0])
         t, p = self.config.train, self.config.privacy
         q = sample_rate(n, t.batch_size)
@@ -92,12 +92,16 @@ class Hospital:
 
     def projected_epsilon(self, ledger: PrivacyLedger, server_round: int) -> float:
         """Epsilon (RDP) this hospital would have after taking ``server_round`` as planned."""
+        from privacy.accounting import epsilon
+
         plan = self.dp_plan()
         event = DPEvent(server_round, plan.noise_multiplier, plan.sample_rate, plan.steps)
         return epsilon([*ledger.events, event], delta=self.config.privacy.delta)
 
     def budget_allows(self, ledger: PrivacyLedger, server_round: int) -> bool:
         """The budget guard: may this hospital take its next round without overshooting?"""
+        from privacy.accounting import would_exceed
+
         p = self.config.privacy
         if p.target_epsilon is None:
             return True
@@ -107,6 +111,8 @@ class Hospital:
 
     def train_private(self, model: torch.nn.Module, server_round: int) -> tuple[LocalTrainResult, DPEvent]:
         """One round of DP-SGD (Opacus) on the train split, in place; returns its ledger event."""
+        from privacy.dpsgd import train_dp_round
+
         images, labels = self.data("train")
         plan = self.dp_plan()
         t, p = self.config.train, self.config.privacy
@@ -134,4 +140,6 @@ class Hospital:
 
 @lru_cache(maxsize=64)
 def _calibrated(target: float, delta: float, q: float, steps: int) -> float:
+    from privacy.accounting import calibrate_noise_multiplier
+
     return calibrate_noise_multiplier(target_epsilon=target, delta=delta, sample_rate=q, steps=steps)

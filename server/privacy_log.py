@@ -13,7 +13,6 @@ import csv
 import math
 from pathlib import Path
 
-from privacy.accounting import epsilon
 from privacy.events import DPEvent
 from server.site_metrics import PrivacyRow
 from sims.config import PrivacySpec
@@ -77,6 +76,8 @@ class PrivacyLog:
         subsampling (as in the paper); with every hospital in every round ``q = 1`` and
         there is no amplification at all.
         """
+        from privacy.accounting import epsilon  # Opacus loads lazily: 0.7 s
+
         q = self.clients_per_round / self.num_hospitals
         sigma = self.spec.client_noise_multiplier
         self._client_events.append(DPEvent(round=server_round, noise_multiplier=sigma, sample_rate=q, steps=1))

@@ -10,12 +10,10 @@ from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
-from privacy.report import build_report
 from server.evaluation import GlobalEvaluator
 from server.outputs import RunOutputs
 from server.pretraining import pretrain_on_public_data
 from server.privacy_log import PrivacyLog
-from server.privacy_plan import check_privacy_plan
 from server.site_metrics import SiteMetrics
 from server.strategies import make_strategy
 from sims.anatomy import class_names
@@ -46,7 +44,10 @@ def _wait_for_hospitals(grid: Grid, timeout: float = 60.0) -> int:
 def main(grid: Grid, context: Context) -> None:
     config = config_from_run_config(context.run_config)
     num_hospitals = _wait_for_hospitals(grid)
-    check_privacy_plan(config, num_hospitals)
+    if config.privacy.sample_level:
+        from server.privacy_plan import check_privacy_plan  # Opacus, only when needed
+
+        check_privacy_plan(config, num_hospitals)
     specs = make_federation(config.world, num_hospitals)
     outputs = RunOutputs.create(config.output_dir, f"run{context.run_id}")
     outputs.write_config(
@@ -92,5 +93,7 @@ def main(grid: Grid, context: Context) -> None:
             "training wall time (s)": f"{time.monotonic() - started:.1f}",
         },
     )
+    from privacy.report import build_report  # matplotlib, only at the end
+
     build_report(outputs.run_dir)
     log(INFO, "fedscan: summary and privacy report written to %s", outputs.run_dir)

@@ -11,7 +11,7 @@ def make_model(
 ) -> torch.nn.Module:
     """Build a 2D MONAI ``UNet`` for ``(B, 1, H, W)`` inputs and ``(B, num_classes, H, W)`` logits.
 
-    Instance normalisation (no running statistics) and non-in-place PReLU keep the model
+    Instance normalisation (no running statistics) and non-in-place ReLU keep the model
     trainable with Opacus DP-SGD later: BatchNorm mixes samples, and in-place
     activations break per-sample gradient hooks.
 
@@ -36,6 +36,9 @@ def make_model(
             strides=(2,) * (len(channels) - 1),
             num_res_units=0,
             norm="instance",
-            act="prelu",
+            # ReLU, not MONAI's default PReLU: PReLU has weights, and Opacus has no
+            # per-sample-gradient rule for it (it falls back to functorch, which made a
+            # DP-SGD step ~2.4x a plain one here instead of ~1.9x). Never in place.
+            act=("relu", {"inplace": False}),
         )
     return model

@@ -32,7 +32,7 @@ def _wait_for_hospitals(grid: Grid, timeout: float = 60.0) -> int:
         count = len(list(grid.get_node_ids()))
         if count != previous:
             previous, stable_since = count, time.monotonic()
-        elif count > 0 and time.monotonic() - stable_since > 0.5:
+        elif count > 0 and time.monotonic() - stable_since > 0.2:
             return count
         time.sleep(0.1)
     if previous <= 0:

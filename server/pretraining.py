@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from clients.training import train_one_round
@@ -9,16 +10,20 @@ from sims.config import FedscanConfig
 from sims.hospitals import load_hospital, make_public_cohort
 from sims.seeding import make_torch_generator
 
+PUBLIC_COHORTS = 5  # a perfect scanner and one simulated scanner of each archetype, 200 patients each
+
 
 def pretrain_on_public_data(model: torch.nn.Module, config: FedscanConfig) -> float:
-    """Train ``model`` in place for ``privacy.pretrain_epochs`` on the public cohort.
+    """Train ``model`` in place for ``privacy.pretrain_epochs`` on public cohorts.
 
-    Returns the mean loss of the last epoch. The public cohort is template slices through
-    a perfect scanner (:func:`sims.hospitals.make_public_cohort`): no hospital's patient is
-    in it, so no hospital's privacy budget is touched.
+    Returns the mean loss. The public data are template slices through a perfect scanner
+    and through four simulated non-hospital scanners (one per archetype) (:func:`make_public_cohort`): no
+    hospital's patient is in them, so no hospital's privacy budget is touched.
     """
-    spec = make_public_cohort(config.world)
-    images, labels = load_hospital(config.world, spec, config.cache_dir)["train"]
+    parts = [load_hospital(config.world, make_public_cohort(config.world, index=k), config.cache_dir)["train"]
+             for k in range(PUBLIC_COHORTS)]
+    images = np.concatenate([p[0] for p in parts])
+    labels = np.concatenate([p[1] for p in parts])
     t = config.train
     result = train_one_round(
         model,

@@ -547,24 +547,31 @@ def _holdout(world: WorldSpec, spec: HospitalSpec, cache_dir: str | Path | None)
     return data["holdout"]
 
 
-PUBLIC_HOSPITAL_ID = 999_999
-"""Id of the public cohort: template slices through a perfect scanner, no patient in it."""
+PUBLIC_HOSPITAL_ID = 900_000
+"""Ids of the public cohorts start here: template slices, no hospital's patient in them."""
 
 
-def make_public_cohort(world: WorldSpec, num_patients: int = 400) -> HospitalSpec:
-    """A *public* data set: un-shifted template slices (identity scanner).
+def make_public_cohort(world: WorldSpec, num_patients: int = 200, index: int = 0) -> HospitalSpec:
+    """A *public* data set: template slices through a simulated, non-hospital scanner.
 
-    The ICBM152 template is public, and the geometry and lesion generators are part of
-    the simulator, not of any hospital, so pre-training on this cohort costs no patient
-    privacy. Lesions appear at prevalence 0.5 with the middle of the hospitals' sizes.
+    ``index`` 0 is a perfect scanner (un-shifted slices); ``index`` k > 0 gets the scanner
+    profile of a would-be hospital ``PUBLIC_HOSPITAL_ID + k`` (same physics, different
+    draws from every real hospital's). The ICBM152 template is public, and the geometry,
+    lesion and scanner generators are the simulator's, not any hospital's, so training on
+    these cohorts costs no patient privacy. Lesions appear at prevalence 0.5 with the
+    middle of the hospitals' sizes.
     """
     scale = world.image_size / 96
     (low_lo, low_hi), (width_lo, width_hi) = _LESION_RADIUS_96
     low = scale * (low_lo + low_hi) / 2
+    hospital_id = PUBLIC_HOSPITAL_ID + index
+    scanner = (
+        IDENTITY_SCANNER if index == 0 else make_scanner_profile(world.seed, hospital_id, world.scanner_severity)
+    )
     return HospitalSpec(
-        hospital_id=PUBLIC_HOSPITAL_ID,
+        hospital_id=hospital_id,
         num_patients=num_patients,
         lesion_prevalence=0.5 if world.lesions else 0.0,
         lesion_radius=(low, low + scale * (width_lo + width_hi) / 2),
-        scanner=IDENTITY_SCANNER,
+        scanner=scanner,
     )

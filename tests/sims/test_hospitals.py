@@ -402,3 +402,21 @@ def test_holdout_pool_does_not_depend_on_cohort_sizes() -> None:
     # Assert
     assert [s.num_patients for s in equal] != [s.num_patients for s in skewed]
     np.testing.assert_array_equal(pool_equal[0], pool_skewed[0])
+
+
+def test_public_cohorts_are_not_hospitals_and_cover_every_scanner_archetype() -> None:
+    from sims.hospitals import PUBLIC_HOSPITAL_ID, make_public_cohort
+    from sims.scanners import IDENTITY_SCANNER, scanner_archetype
+
+    world = WorldSpec()
+    cohorts = [make_public_cohort(world, index=k) for k in range(5)]
+    hospitals = make_federation(world, 8)
+
+    assert cohorts[0].scanner == IDENTITY_SCANNER
+    assert all(c.scanner != IDENTITY_SCANNER for c in cohorts[1:])
+    assert {c.hospital_id for c in cohorts}.isdisjoint(h.hospital_id for h in hospitals)
+    assert all(c.hospital_id >= PUBLIC_HOSPITAL_ID for c in cohorts)
+    assert {scanner_archetype(world.seed, c.hospital_id) for c in cohorts[1:]} == {
+        "noisy", "blurry", "bias_contrast", "ringing_spikes"
+    }
+    assert all(c.scanner != h.scanner for c in cohorts for h in hospitals)

@@ -17,7 +17,7 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parents[1]
 COMMON = (
     "patients-per-hospital=600 batch-size=32 local-epochs=1 num-server-rounds=10 lr=0.002 "
-    "privacy.pretrain-epochs=8 privacy.max-grad-norm=1.0 privacy.delta=1e-5"
+    "privacy.pretrain-epochs=15 privacy.max-grad-norm=1.0 privacy.delta=1e-5"
 )
 
 
@@ -46,17 +46,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(ROOT / "outputs" / "privacy-utility"))
     parser.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 3.0, 8.0])
+    parser.add_argument("--dp", default="privacy.dp-layers='head'", help="extra overrides for the DP runs")
     args = parser.parse_args()
     out = Path(args.out)
     rows = [run("non-private", "privacy.mode='off'", out)]
     for eps in args.epsilons:
-        rows.append(run(f"epsilon-{eps:g}", f"privacy.mode='sample' privacy.target-epsilon={eps}", out))
+        rows.append(run(f"epsilon-{eps:g}", f"privacy.mode='sample' privacy.target-epsilon={eps} {args.dp}", out))
     table = pd.DataFrame(rows)
     base = float(table.loc[0, "dice_mean"])
     table["gap_to_non_private"] = base - table["dice_mean"]
     cols = ["setting", "epsilon_rdp_worst", "noise_multiplier", "dice_mean", "gap_to_non_private"]
     cols += sorted(c for c in table.columns if c.startswith("dice_") and c != "dice_mean")
-    print(f"\ncommon config: {COMMON}\n")
+    print(f"\ncommon config: {COMMON}; DP runs add: {args.dp}\n")
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
     for _, r in table[cols].iterrows():

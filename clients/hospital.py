@@ -18,7 +18,7 @@ from sims.anatomy import class_names
 from sims.config import FedscanConfig, round_lr
 from sims.evaluation import evaluate_segmentation
 from sims.hospitals import HospitalSpec, WorldSpec, load_hospital, make_federation
-from sims.model import make_model
+from sims.model import head_parameter_names, make_model
 from sims.seeding import make_torch_generator
 
 
@@ -113,6 +113,10 @@ class Hospital:
         """One round of DP-SGD (Opacus) on the train split, in place; returns its ledger event."""
         from privacy.dpsgd import train_dp_round
 
+        trainable = set(head_parameter_names(model)) if self.config.privacy.dp_layers == "head" else None
+        frozen = [p for n, p in model.named_parameters() if trainable is not None and n not in trainable]
+        for p in frozen:
+            p.requires_grad_(False)
         images, labels = self.data("train")
         plan = self.dp_plan()
         t, p = self.config.train, self.config.privacy
@@ -129,6 +133,8 @@ class Hospital:
             generator=make_torch_generator(self.config.seed, self.site, server_round, "dp-sgd"),
             transform=augment_batch if self.config.world.augment else None,
         )
+        for p in frozen:
+            p.requires_grad_(True)
         event = DPEvent(server_round, plan.noise_multiplier, plan.sample_rate, result.steps)
         return LocalTrainResult(loss=result.loss, steps=result.steps, num_examples=len(images)), event
 

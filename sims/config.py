@@ -19,6 +19,7 @@ from sims.world import WorldSpec
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam")
 PRIVACY_MODES = ("off", "sample", "client", "both")
+DP_LAYERS = ("all", "head")
 LR_SCHEDULES = ("cosine", "constant")
 
 
@@ -94,6 +95,10 @@ class PrivacySpec:
         target at the end of the planned run; ``False`` keeps ``noise_multiplier`` and uses
         the target only as the budget cap of the guard (a hospital declines the round that
         would overshoot it).
+    dp_layers : str
+        Which weights DP-SGD trains at the hospitals: ``"all"``, or ``"head"`` (the two
+        finest up-sampling blocks of the U-Net, ~7% of the weights; the rest stays as
+        pre-trained). Fewer noisy coordinates means less noise per unit of signal.
     pretrain_epochs : int
         Epochs of server-side pre-training on public, un-shifted template slices before
         round 1 (costs no patient privacy).
@@ -108,6 +113,7 @@ class PrivacySpec:
     client_clipping_norm: float = 10.0
     clients_per_round: int = 0
     calibrate_noise: bool = True
+    dp_layers: str = "all"
     pretrain_epochs: int = 0
 
     @property
@@ -264,6 +270,7 @@ KEYS: dict[str, tuple[str, str, _Parser]] = {
     "privacy.client-clipping-norm": ("privacy", "client_clipping_norm", _float_in(0.0, 1e6, lo_open=True)),
     "privacy.clients-per-round": ("privacy", "clients_per_round", _int_in(0, 10**6)),
     "privacy.calibrate-noise": ("privacy", "calibrate_noise", _bool),
+    "privacy.dp-layers": ("privacy", "dp_layers", _choice(DP_LAYERS)),
     "privacy.pretrain-epochs": ("privacy", "pretrain_epochs", _int_in(0, 1000)),
     "output-dir": ("paths", "output_dir", _path),
     "cache-dir": ("paths", "cache_dir", _path),

@@ -42,3 +42,12 @@ def make_model(
             act=("relu", {"inplace": False}),
         )
     return model
+
+
+HEAD_PREFIXES = ("model.2.", "model.1.submodule.2.")
+"""Parameter-name prefixes of the U-Net's two finest up-sampling blocks (its "head")."""
+
+
+def head_parameter_names(model: torch.nn.Module) -> list[str]:
+    """Names of the head's parameters (see :data:`HEAD_PREFIXES`)."""
+    return [n for n, _ in model.named_parameters() if n.startswith(HEAD_PREFIXES)]

@@ -49,3 +49,21 @@ def test_guard_allows_exactly_the_rounds_that_fit(tmp_path: Path) -> None:
     assert ledger.epsilon(delta=1e-3) <= 2.0
     assert hospital.projected_epsilon(ledger, taken + 1) > 2.0
     assert plan.noise_multiplier == 2.5  # not calibrated
+
+
+def test_dp_layers_head_trains_only_the_head_and_records_the_event(tmp_path: Path) -> None:
+    import torch
+
+    from sims.model import head_parameter_names
+
+    hospital = _hospital(tmp_path, mode="sample", target_epsilon=8.0, delta=1e-3, dp_layers="head")
+    model = hospital.new_model()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    result, event = hospital.train_private(model, server_round=1)
+
+    head = set(head_parameter_names(model))
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and changed <= head
+    assert all(p.requires_grad for p in model.parameters())  # unfrozen again for the next use
+    assert event.round == 1 and event.steps == result.steps == hospital.dp_plan().steps

@@ -42,14 +42,42 @@ def run(label: str, overrides: str, out: Path) -> dict[str, object]:
     return row
 
 
+def pretrained_only(out: Path) -> dict[str, object]:
+    """The public pre-training alone, evaluated like the runs: no hospital data used at all."""
+    from flwr.common.config import parse_config_args
+
+    from clients.hospital import Hospital
+    from server.cli import project_defaults
+    from server.pretraining import pretrain_on_public_data
+    from sims.anatomy import class_names
+    from sims.config import config_from_run_config
+    from sims.hospitals import make_federation
+    from sims.model import make_model
+
+    overrides = parse_config_args([COMMON])
+    config = config_from_run_config({**project_defaults(ROOT), **overrides, "cache-dir": str(ROOT / ".cache/fedscan")})
+    model = make_model(len(class_names(config.world.lesions)), config.train.unet_channels, seed=config.seed)
+    pretrain_on_public_data(model, config)
+    scores = [Hospital(config, spec).evaluate(model, "test") for spec in make_federation(config.world, 4)]
+    n = sum(c for _, c in scores)
+    row: dict[str, object] = {"setting": "public pre-training only", "epsilon_rdp_worst": 0.0, "noise_multiplier": "-"}
+    row.update({k: sum(s[k] * c for s, c in scores) / n for k in scores[0][0]})
+    print(row, flush=True)
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(ROOT / "outputs" / "privacy-utility"))
     parser.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 3.0, 8.0])
+    parser.add_argument("--only-pretrained", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--dp", default="privacy.dp-layers='head'", help="extra overrides for the DP runs")
     args = parser.parse_args()
     out = Path(args.out)
-    rows = [run("non-private", "privacy.mode='off'", out)]
+    if args.only_pretrained:
+        pretrained_only(out)
+        return
+    rows = [run("non-private", "privacy.mode='off'", out), pretrained_only(out)]
     for eps in args.epsilons:
         rows.append(run(f"epsilon-{eps:g}", f"privacy.mode='sample' privacy.target-epsilon={eps} {args.dp}", out))
     table = pd.DataFrame(rows)

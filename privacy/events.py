@@ -22,6 +22,23 @@ from typing import Any
 __all__ = ["DPEvent", "InvalidParameterError"]
 
 
+PRIVACY_COLUMNS = (
+    "round",
+    "site",
+    "participated",
+    "steps",
+    "sample_rate",
+    "noise_multiplier",
+    "epsilon_rdp",
+    "epsilon_prv",
+    "delta",
+    "budget_exhausted",
+)
+"""The exact columns of a run's ``privacy.csv`` (written by the server, read by the report)."""
+
+CLIENT_LEVEL = "client-level"
+"""``site`` of the server's client-level (DP-FedAvg) rows in ``privacy.csv``."""
+
 class InvalidParameterError(ValueError, TypeError):
     """A parameter has the wrong type or a value outside its allowed range.
 

@@ -37,6 +37,8 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
+from privacy.events import CLIENT_LEVEL, PRIVACY_COLUMNS
+
 REPORT_MD = "privacy_report.md"
 REPORT_HTML = "privacy_report.html"
 PRIVACY_CSV = "privacy.csv"
@@ -46,20 +48,7 @@ EPSILON_PNG = "privacy_epsilon.png"
 CLIENT_EPSILON_PNG = "privacy_client_epsilon.png"
 DICE_EPSILON_PNG = "privacy_dice_epsilon.png"
 
-PRIVACY_COLUMNS = (
-    "round",
-    "site",
-    "participated",
-    "steps",
-    "sample_rate",
-    "noise_multiplier",
-    "epsilon_rdp",
-    "epsilon_prv",
-    "delta",
-    "budget_exhausted",
-)
 METRICS_COLUMNS = ("round", "site", "split", "metric", "value")
-CLIENT_LEVEL = "client-level"
 WORST_CASE = "worst case"
 MODES = ("off", "sample", "client", "both")
 SUMMARY_COLUMNS = (

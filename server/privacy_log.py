@@ -13,23 +13,10 @@ import csv
 import math
 from pathlib import Path
 
-from privacy.events import DPEvent
+from privacy.events import CLIENT_LEVEL, PRIVACY_COLUMNS, DPEvent
 from server.site_metrics import PrivacyRow
 from sims.config import PrivacySpec
 
-PRIVACY_COLUMNS = (
-    "round",
-    "site",
-    "participated",
-    "steps",
-    "sample_rate",
-    "noise_multiplier",
-    "epsilon_rdp",
-    "epsilon_prv",
-    "delta",
-    "budget_exhausted",
-)
-CLIENT_LEVEL = "client-level"
 
 
 class PrivacyLog:

@@ -37,7 +37,7 @@ def _one(variant: str, batch: int, size: int, steps: int) -> dict[str, float]:
         opt = torch.optim.Adam(model.parameters(), lr=1e-3)
 
         def run(k: int) -> None:
-            for i in range(k):
+            for _ in range(k):
                 idx = torch.randperm(n, generator=gen)[:batch]
                 opt.zero_grad(set_to_none=True)
                 loss_fn(model(x[idx]), y[idx]).backward()

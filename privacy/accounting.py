@@ -22,11 +22,11 @@ import warnings
 from collections.abc import Callable, Sequence
 
 import numpy as np
-import privacy._opacus_import  # noqa: F401  (before any other Opacus import)
 from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.analysis import rdp as rdp_analysis
 from opacus.accountants.analysis.prv import PoissonSubsampledGaussianPRV, compute_safe_domain_size
 
+import privacy._opacus_import  # noqa: F401  (undoes Opacus' logging.basicConfig)
 from privacy.events import DPEvent, InvalidParameterError, check_choice, check_events, check_float, check_int
 
 __all__ = [

@@ -20,9 +20,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import privacy._opacus_import  # noqa: F401  (before any other Opacus import)
 from opacus.grad_sample import GradSampleModule
 from opacus.optimizers import DPOptimizer
+
+import privacy._opacus_import  # noqa: F401  (undoes Opacus' logging.basicConfig)
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 

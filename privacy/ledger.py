@@ -151,7 +151,7 @@ class PrivacyLedger:
         if len(set(lengths.values())) > 1:
             shown = ", ".join(f"{name}={length}" for name, length in lengths.items())
             raise ValueError(f"The columns of a privacy-ledger record must have equal lengths. Got {shown}.")
-        return cls(DPEvent(*row) for row in zip(*(columns[name] for name in _COLUMNS)))
+        return cls(DPEvent(*row) for row in zip(*(columns[name] for name in _COLUMNS), strict=True))
 
     def __len__(self) -> int:
         return len(self._events)

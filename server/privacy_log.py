@@ -18,7 +18,6 @@ from server.site_metrics import PrivacyRow
 from sims.config import PrivacySpec
 
 
-
 class PrivacyLog:
     """Appends privacy rows to ``<run>/privacy.csv`` as rounds complete."""
 

@@ -82,7 +82,8 @@ def test_empty_poisson_batches_still_take_a_noisy_step_and_same_seed_same_bytes(
     ra = train_dp_round(a, x, y, generator=torch.Generator().manual_seed(7), **kwargs)
     rb = train_dp_round(b, x, y, generator=torch.Generator().manual_seed(7), **kwargs)
 
-    assert ra.steps == 4
+    assert ra.steps == rb.steps == 4
+    assert ra.loss == rb.loss
     for pa, pb in zip(a.state_dict().values(), b.state_dict().values(), strict=True):
         assert torch.equal(pa, pb)
     assert any(not torch.equal(pa, p0) for pa, p0 in zip(a.state_dict().values(), make_model(3, (4, 8), seed=1).state_dict().values(), strict=True))

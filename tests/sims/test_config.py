@@ -87,7 +87,7 @@ def test_cosine_schedule_runs_from_lr_to_a_twentieth_and_constant_is_flat() -> N
 
     assert values[0] == pytest.approx(0.01) and values[-1] == pytest.approx(0.0005)
     assert values[2] == pytest.approx((0.01 + 0.0005) / 2)
-    assert all(a > b for a, b in zip(values, values[1:]))
+    assert all(a > b for a, b in zip(values, values[1:], strict=False))
     assert [round_lr(constant, r) for r in range(1, 6)] == [0.01] * 5
 
 

@@ -65,7 +65,7 @@ def main(grid: Grid, context: Context) -> None:
     model = make_model(len(classes), config.train.unet_channels, seed=config.seed)
     if config.privacy.pretrain_epochs:
         loss = pretrain_on_public_data(model, config)
-        log(INFO, "fedscan: pre-trained %d epochs on public template slices (loss %.4f)",
+        log(INFO, "fedscan: pre-trained %d epochs on public data (template slices, no patient; loss %.4f)",
             config.privacy.pretrain_epochs, loss)
     privacy_log = PrivacyLog(outputs.run_dir, config.privacy, num_hospitals)
     strategy = make_strategy(

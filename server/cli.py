@@ -429,6 +429,53 @@ def command_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_keygen(args: argparse.Namespace) -> int:
+    """Create a keyring folder (AES-256 encryption key, Ed25519 signing pair; files 0600)."""
+    from privacy.keys import KeyringError, generate_keyring
+
+    try:
+        keyring = generate_keyring(args.folder, overwrite=args.overwrite)
+    except KeyringError as err:
+        raise UserError(str(err).replace("Pass overwrite=True", "Pass --overwrite")) from None
+    print(f"fedscan: keyring {keyring.key_id} written to {Path(args.folder).resolve()} "
+          "(encryption.key, signing.key: 0600; verify.pub)")
+    return 0
+
+
+def command_checkpoint(args: argparse.Namespace) -> int:
+    """``verify`` (tag-free: signature and structure), ``inspect`` (header only), ``export``."""
+    import dataclasses
+
+    from privacy.checkpoint import CheckpointError, read_checkpoint, read_header, verify_checkpoint
+    from privacy.keys import KeyringError, load_keyring
+
+    try:
+        if args.action == "inspect":
+            header = read_header(args.file)
+            print(json.dumps(dataclasses.asdict(header), indent=2, sort_keys=True, default=str))
+            return 0
+        keyring = load_keyring(args.keyring)
+        if args.action == "verify":
+            header = verify_checkpoint(args.file, verify_key=keyring.verify_key)
+            print(f"fedscan: {args.file}: signature valid (key {header.key_id}, run {header.run_id}, "
+                  f"round {header.round})")
+            return 0
+        checkpoint = read_checkpoint(args.file, keyring=keyring)
+        out = Path(args.out)
+        if out.exists():
+            raise UserError(f"Refusing to overwrite '{out}': choose a new file name.")
+        import torch
+
+        # A plain state dict of tensors: loadable with torch.load(..., weights_only=True).
+        torch.save({k: v.clone() for k, v in checkpoint.tensors.items()}, out)
+        print(f"fedscan: exported {len(checkpoint.tensors)} tensors to {out} (torch.load(..., weights_only=True))")
+        return 0
+    except (CheckpointError, KeyringError) as err:
+        raise UserError(str(err)) from None
+    except FileNotFoundError as err:
+        raise UserError(f"No such file: '{err.filename}'.") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedscan", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -448,6 +495,20 @@ def build_parser() -> argparse.ArgumentParser:
         "metrics.csv and config.json.",
     )
     report.add_argument("run_dir", metavar="RUN_DIR", help="a run folder, e.g. outputs/latest")
+    keygen = sub.add_parser("keygen", help="create a keyring folder for encrypted, signed checkpoints")
+    keygen.add_argument("folder", nargs="?", default="keys", help="the keyring folder (default: keys)")
+    keygen.add_argument("--overwrite", action="store_true", help="replace existing keys")
+    ckpt = sub.add_parser("checkpoint", help="verify, inspect or export an encrypted checkpoint")
+    ckpt_sub = ckpt.add_subparsers(dest="action", required=True)
+    for action, text in (("verify", "check structure and signature"), ("inspect", "print the metadata, never weights")):
+        one = ckpt_sub.add_parser(action, help=text)
+        one.add_argument("file", metavar="FILE")
+        if action == "verify":
+            one.add_argument("--keyring", default="keys", help="keyring folder (default: keys)")
+    export = ckpt_sub.add_parser("export", help="decrypt to a plain weights-only torch file")
+    export.add_argument("file", metavar="FILE")
+    export.add_argument("out", metavar="OUT")
+    export.add_argument("--keyring", default="keys", help="keyring folder (default: keys)")
     return parser
 
 
@@ -465,6 +526,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(passthrough)}")
         if args.command == "report":
             return command_report(args)
+        if args.command == "keygen":
+            return command_keygen(args)
+        if args.command == "checkpoint":
+            return command_checkpoint(args)
     except UserError as err:
         print(f"fedscan: error: {err}", file=sys.stderr)
         return EXIT_USER_ERROR

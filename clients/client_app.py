@@ -13,6 +13,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from clients.hospital import Hospital
+from clients.hospital_state import load_state, save_state
 from privacy.ledger import PrivacyLedger
 from sims.config import config_from_run_config
 
@@ -42,12 +43,38 @@ def _status(context: Context) -> ConfigRecord:
     return context.state.config_records[STATUS_KEY]
 
 
+def _restore_if_resuming(hospital: Hospital, context: Context, config: ConfigRecord) -> None:
+    """First message of a resumed run: load this hospital's state as of the resumed round."""
+    resume_dir = str(config.get("resume-dir", ""))
+    if not resume_dir or STATUS_KEY in context.state.config_records:
+        return
+    state = load_state(
+        resume_dir, str(config["key-root"]), hospital.site, int(config["resume-round"]), hospital.config.config_hash()
+    )
+    context.state[STATUS_KEY] = ConfigRecord(state["status"])
+    if state["ledger"]["round"]:
+        context.state[LEDGER_KEY] = ConfigRecord(state["ledger"])
+
+
+def _persist(hospital: Hospital, context: Context, config: ConfigRecord, server_round: int) -> None:
+    """End of a round: write this hospital's private state, encrypted with its own key."""
+    run_dir = str(config.get("run-dir", ""))
+    if not run_dir or hospital.config.checkpoint.every == 0:
+        return
+    state = {"ledger": _ledger(context).to_config(), "status": dict(_status(context))}
+    save_state(
+        run_dir, str(config["key-root"]), hospital.site, server_round, hospital.config.config_hash(), state,
+        keep=hospital.config.checkpoint.keep,
+    )
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train the global model locally (DP-SGD when sample-level DP is on) and reply."""
     hospital = _hospital(context)
     config = msg.content["config"]
     server_round = int(config["server-round"])
+    _restore_if_resuming(hospital, context, config)
     status = _status(context)
     model = hospital.new_model()
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
@@ -92,7 +119,9 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the global model on this hospital's test split; report its privacy state."""
     hospital = _hospital(context)
-    server_round = int(msg.content["config"]["server-round"])
+    config = msg.content["config"]
+    server_round = int(config["server-round"])
+    _restore_if_resuming(hospital, context, config)
     model = hospital.new_model()
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
     scores, n = hospital.evaluate(model, "test")
@@ -106,6 +135,7 @@ def evaluate(msg: Message, context: Context) -> Message:
             "server-round": server_round,
         }
     )
+    _persist(hospital, context, config, server_round)
     return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)
 
 

@@ -115,6 +115,16 @@ def resolve_run_config(project: Path, overrides: dict[str, Any], hospitals: int 
     for note in privacy_warnings(config):
         print(f"fedscan: warning: {note}", file=sys.stderr)
     resolved = dict(overrides)
+    for key in ("checkpoint.resume-from", "checkpoint.keyring"):
+        if merged.get(key):
+            resolved[key] = str((Path.cwd() / str(merged[key])).resolve())
+    if config.checkpoint.resume_from:
+        from server.checkpointing import load_resume
+
+        try:  # the same checks the ServerApp makes, before anything starts
+            load_resume(config_from_run_config({**merged, **resolved}))
+        except ConfigError as err:
+            raise UserError(str(err)) from None
     for key in ("output-dir", "cache-dir"):
         folder = (Path.cwd() / str(merged[key])).resolve()
         _check_writable_folder(key, folder)

@@ -88,6 +88,10 @@ class RunOutputs:
             for r in new:
                 writer.writerow([r.round, r.site, r.split, r.metric, repr(float(r.value))])
 
+    @property
+    def rows(self) -> list[MetricRow]:
+        return list(self._rows)
+
     def metrics(self) -> pd.DataFrame:
         return pd.DataFrame([asdict(r) for r in self._rows], columns=list(METRICS_COLUMNS))
 

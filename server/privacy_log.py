@@ -26,6 +26,7 @@ class PrivacyLog:
         self.spec = spec
         self.num_hospitals = num_hospitals
         self._client_events: list[DPEvent] = []
+        self.rows: list[list[object]] = []
         with self.path.open("w", newline="") as fh:
             csv.writer(fh).writerow(PRIVACY_COLUMNS)
 
@@ -52,8 +53,21 @@ class PrivacyLog:
         ]
         if self.spec.client_level:
             out.append(self._client_level_row(server_round))
+        self._append(out)
+
+    def _append(self, out: list[list[object]]) -> None:
+        self.rows.extend(out)
         with self.path.open("a", newline="") as fh:
             csv.writer(fh).writerows(out)
+
+    @property
+    def client_events(self) -> list[dict[str, float | int]]:
+        return [e.to_dict() for e in self._client_events]
+
+    def restore(self, rows: list[list[object]], client_events: list[dict[str, float | int]]) -> None:
+        """Continue a resumed run: the rows and client-level events written before."""
+        self._client_events = [DPEvent.from_dict(e) for e in client_events]
+        self._append([list(r) for r in rows])
 
     def _client_level_row(self, server_round: int) -> list[object]:
         """DP-FedAvg (McMahan et al., 2018): one Gaussian release of the clipped mean per round.

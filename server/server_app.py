@@ -5,11 +5,14 @@ from __future__ import annotations
 import time
 from dataclasses import asdict
 from logging import INFO, WARNING
+from pathlib import Path
 
-from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.app import ArrayRecord, Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
+from server.checkpointing import RUN_LOCAL_KEYS, ServerCheckpointer, load_resume, server_keyring_at
+from server.driver import run_rounds
 from server.evaluation import GlobalEvaluator
 from server.outputs import RunOutputs
 from server.pretraining import pretrain_on_public_data
@@ -48,6 +51,7 @@ def main(grid: Grid, context: Context) -> None:
         from server.privacy_plan import check_privacy_plan  # Opacus, only when needed
 
         check_privacy_plan(config, num_hospitals)
+    resume = load_resume(config) if config.checkpoint.resume_from else None
     specs = make_federation(config.world, num_hospitals)
     outputs = RunOutputs.create(config.output_dir, f"run{context.run_id}")
     outputs.write_config(
@@ -55,6 +59,8 @@ def main(grid: Grid, context: Context) -> None:
         seed=config.seed,
         num_hospitals=num_hospitals,
         flower_run_id=context.run_id,
+        config_hash=config.config_hash(),
+        resumed_from=str(resume.source_run_dir) if resume else None,
         hospitals=[asdict(s) for s in specs],
     )
     log(INFO, "fedscan: %d hospitals, outputs in %s", num_hospitals, outputs.run_dir)
@@ -63,7 +69,7 @@ def main(grid: Grid, context: Context) -> None:
 
     classes = class_names(config.world.lesions)
     model = make_model(len(classes), config.train.unet_channels, seed=config.seed)
-    if config.privacy.pretrain_epochs:
+    if config.privacy.pretrain_epochs and resume is None:
         loss = pretrain_on_public_data(model, config)
         log(INFO, "fedscan: pre-trained %d epochs on public data (template slices, no patient; loss %.4f)",
             config.privacy.pretrain_epochs, loss)
@@ -72,13 +78,46 @@ def main(grid: Grid, context: Context) -> None:
         config.train, num_hospitals, SiteMetrics(outputs.add, privacy_log.add_round), config.privacy
     )
     evaluator = GlobalEvaluator(config, specs, make_model(len(classes), config.train.unet_channels), outputs.add)
+
+    # Keys: the configured keyring, else the run-local one of the run this one continues.
+    key_root = Path(config.checkpoint.keyring) if config.checkpoint.keyring else (
+        (resume.source_run_dir if resume else outputs.run_dir) / RUN_LOCAL_KEYS
+    )
+    checkpointer = None
+    if config.checkpoint.every:
+        checkpointer = ServerCheckpointer(config, outputs.run_dir, str(context.run_id), server_keyring_at(key_root))
+    arrays = ArrayRecord(model.state_dict())
+    first_round = 1
+    if resume is not None:
+        outputs.add(resume.metric_rows)
+        privacy_log.restore(resume.privacy_rows, resume.client_events)
+        resume.restore(strategy)
+        arrays, first_round = resume.arrays, resume.round + 1
+        log(INFO, "fedscan: resuming after round %d from %s", resume.round, resume.source_run_dir)
+    round_config: dict[str, str | int] = {
+        "run-dir": str(outputs.run_dir),
+        "key-root": str(key_root),
+        "resume-dir": str(resume.source_run_dir) if resume else "",
+        "resume-round": resume.round if resume else 0,
+    }
+
+    def after_round(server_round: int, current: ArrayRecord) -> None:
+        if checkpointer is not None and checkpointer.due(server_round, config.train.num_server_rounds):
+            checkpointer.save(
+                server_round, current, strategy, outputs.rows, privacy_log.rows, privacy_log.client_events
+            )
+
     started = time.monotonic()
-    strategy.start(
-        grid=grid,
-        initial_arrays=ArrayRecord(model.state_dict()),
+    run_rounds(
+        strategy,
+        grid,
+        arrays,
+        first_round=first_round,
         num_rounds=config.train.num_server_rounds,
-        train_config=ConfigRecord(),
         evaluate_fn=evaluator,
+        after_round=after_round,
+        round_config=round_config,
+        stop_after=config.checkpoint.stop_after,
     )
     outputs.write_summary(
         "fedscan run summary",
@@ -90,6 +129,7 @@ def main(grid: Grid, context: Context) -> None:
             "rounds": config.train.num_server_rounds,
             "seed": config.seed,
             "classes": ", ".join(classes[1:]),
+            "resumed from": str(resume.source_run_dir) if resume else "-",
             "training wall time (s)": f"{time.monotonic() - started:.1f}",
         },
     )

@@ -126,12 +126,39 @@ class PrivacySpec:
 
 
 @dataclass(frozen=True)
+class CheckpointSpec:
+    """Encrypted, signed checkpoints and resume.
+
+    Parameters
+    ----------
+    every : int
+        Write a server checkpoint every ``every`` rounds (0 = never).
+    keep : int
+        Keep the newest ``keep`` server checkpoints.
+    keyring : str
+        Keyring folder (``fedscan keygen``); ``""`` = a run-local keyring (simulation only).
+    resume_from : str
+        A checkpoint file or run folder to continue from; ``""`` = a fresh run.
+    stop_after : int
+        Stop (as if interrupted) after this round; 0 = run all rounds. Not part of the config
+        hash, so the stopped run can be resumed.
+    """
+
+    every: int = 1
+    keep: int = 3
+    keyring: str = ""
+    resume_from: str = ""
+    stop_after: int = 0
+
+
+@dataclass(frozen=True)
 class FedscanConfig:
     """The resolved configuration of one run: the world, training, privacy and paths."""
 
     world: WorldSpec
     train: TrainSpec
     privacy: PrivacySpec = PrivacySpec()
+    checkpoint: CheckpointSpec = CheckpointSpec()
     output_dir: str = "outputs"
     cache_dir: str = ".cache/fedscan"
 
@@ -142,6 +169,21 @@ class FedscanConfig:
     def to_dict(self) -> dict[str, Any]:
         """Plain, JSON-serialisable form (for ``config.json``)."""
         return asdict(self)
+
+    def config_hash(self) -> str:
+        """SHA-256 of everything that shapes the run's numbers.
+
+        Paths, the keyring, ``resume_from`` and ``stop_after`` are left out: a run resumed
+        from another folder, or stopped early on purpose, is still the same run.
+        """
+        import hashlib
+        import json
+
+        record = self.to_dict()
+        for key in ("output_dir", "cache_dir"):
+            record.pop(key)
+        record["checkpoint"] = {"every": self.checkpoint.every, "keep": self.checkpoint.keep}
+        return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
 
 
 def round_lr(train: TrainSpec, server_round: int) -> float:
@@ -226,6 +268,12 @@ def _path(key: str, value: Any) -> str:
     return value
 
 
+def _optional_path(key: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(f"The '{key}' parameter must be a path or \"\". Got {value!r} instead.")
+    return value
+
+
 def _channels(key: str, value: Any) -> tuple[int, ...]:
     try:
         channels = tuple(int(part) for part in str(value).split(","))
@@ -272,6 +320,11 @@ KEYS: dict[str, tuple[str, str, _Parser]] = {
     "privacy.calibrate-noise": ("privacy", "calibrate_noise", _bool),
     "privacy.dp-layers": ("privacy", "dp_layers", _choice(DP_LAYERS)),
     "privacy.pretrain-epochs": ("privacy", "pretrain_epochs", _int_in(0, 1000)),
+    "checkpoint.every": ("checkpoint", "every", _int_in(0, 10**6)),
+    "checkpoint.keep": ("checkpoint", "keep", _int_in(1, 10**6)),
+    "checkpoint.keyring": ("checkpoint", "keyring", _optional_path),
+    "checkpoint.resume-from": ("checkpoint", "resume_from", _optional_path),
+    "checkpoint.stop-after": ("checkpoint", "stop_after", _int_in(0, 10**6)),
     "output-dir": ("paths", "output_dir", _path),
     "cache-dir": ("paths", "cache_dir", _path),
 }
@@ -310,7 +363,7 @@ def config_from_run_config(run_config: Mapping[str, Any]) -> FedscanConfig:
         the key, the value and what is allowed).
     """
     check_known_keys(list(run_config))
-    sections: dict[str, dict[str, Any]] = {"world": {}, "train": {}, "privacy": {}, "paths": {}}
+    sections: dict[str, dict[str, Any]] = {"world": {}, "train": {}, "privacy": {}, "checkpoint": {}, "paths": {}}
     for key, value in run_config.items():
         section, field, parse = KEYS[key]
         sections[section][field] = parse(key, value)
@@ -323,7 +376,8 @@ def config_from_run_config(run_config: Mapping[str, Any]) -> FedscanConfig:
     _check_image_size(world.image_size, train.unet_channels)
     privacy = PrivacySpec(**sections["privacy"])
     _check_privacy(privacy, world)
-    return FedscanConfig(world=world, train=train, privacy=privacy, **sections["paths"])
+    checkpoint = CheckpointSpec(**sections["checkpoint"])
+    return FedscanConfig(world=world, train=train, privacy=privacy, checkpoint=checkpoint, **sections["paths"])
 
 
 def _check_privacy(privacy: PrivacySpec, world: WorldSpec) -> None:

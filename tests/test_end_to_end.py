@@ -156,3 +156,48 @@ def test_budget_guard_stops_a_hospital_at_its_target_and_privacy_report_is_writt
     report = (run_dir / "privacy_report.md").read_text()
     assert "ran out of budget in round 3" in report
     assert "data:image/png;base64," in (run_dir / "privacy_report.html").read_text()
+
+
+@pytest.mark.e2e
+def test_stopped_and_resumed_dp_run_equals_the_uninterrupted_run(tmp_path: Path) -> None:
+    private = "privacy.mode='sample' privacy.target-epsilon=3 privacy.delta=1e-3 patients-per-hospital=40"
+    common = ["--hospitals", "2", "-c", TINY, "-c", f"num-server-rounds=3 {private} cache-dir='{tmp_path / 'c'}'"]
+
+    stopped = _fedscan(*common, "-c", f"output-dir='{tmp_path / 'a'}' checkpoint.stop-after=2")
+    first = (tmp_path / "a" / "latest").resolve()
+    resumed = _fedscan(*common, "-c", f"output-dir='{tmp_path / 'b'}' checkpoint.resume-from='{first}'")
+    whole = _fedscan(*common, "-c", f"output-dir='{tmp_path / 'c2'}'")
+
+    for proc in (stopped, resumed, whole):
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert sorted(p.name for p in (first / "checkpoints").iterdir()) == ["round-0001.ckpt", "round-0002.ckpt"]
+    assert (first / "keys" / "encryption.key").stat().st_mode & 0o077 == 0
+    b, c = (tmp_path / "b" / "latest").resolve(), (tmp_path / "c2" / "latest").resolve()
+    m_b, m_c = pd.read_csv(b / "metrics.csv", dtype={"site": str}), pd.read_csv(c / "metrics.csv", dtype={"site": str})
+    merged = m_b.merge(m_c, on=["round", "site", "split", "metric"], suffixes=("_resumed", "_whole"))
+    assert len(merged) == len(m_c) == len(m_b)
+    assert (merged["value_resumed"] - merged["value_whole"]).abs().max() <= 1e-6
+    p_b, p_c = pd.read_csv(b / "privacy.csv"), pd.read_csv(c / "privacy.csv")
+    pd.testing.assert_frame_equal(p_b, p_c, rtol=1e-9)  # every hospital's epsilon included
+
+    # Bad resumes stop before anything runs: tampered file, other config, wrong keys.
+    ckpt = first / "checkpoints" / "round-0002.ckpt"
+    original = ckpt.read_bytes()
+    tampered = tmp_path / "t" / "checkpoints" / "round-0002.ckpt"
+    tampered.parent.mkdir(parents=True)
+    data = bytearray(ckpt.read_bytes())
+    data[100] ^= 0x01
+    tampered.write_bytes(bytes(data))
+    (tmp_path / "t" / "keys").symlink_to(first / "keys")
+    other_keys = tmp_path / "other"
+    subprocess.run([FEDSCAN, "keygen", str(other_keys)], check=True, capture_output=True)
+    bad = [
+        ("-c", f"checkpoint.resume-from='{tampered}'"),
+        ("-c", f"checkpoint.resume-from='{first}' lr=0.01"),
+        ("-c", f"checkpoint.resume-from='{first}' checkpoint.keyring='{other_keys}'"),
+    ]
+    for extra in bad:
+        proc = _fedscan(*common, *extra, timeout=120)
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr.startswith("fedscan: error: Cannot resume from") and len(proc.stderr.strip().splitlines()) == 1
+    assert ckpt.read_bytes() == original  # nothing overwritten

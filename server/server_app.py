@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import random
 import time
 from dataclasses import asdict
 from logging import INFO, WARNING
 from pathlib import Path
 
+import numpy as np
 from flwr.app import ArrayRecord, Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
@@ -23,6 +25,7 @@ from sims.anatomy import class_names
 from sims.config import config_from_run_config, privacy_warnings
 from sims.hospitals import make_federation
 from sims.model import make_model
+from sims.seeding import derive_seed
 
 app = ServerApp()
 
@@ -46,6 +49,10 @@ def _wait_for_hospitals(grid: Grid, timeout: float = 60.0) -> int:
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     config = config_from_run_config(context.run_config)
+    # Flower draws client sampling from `random` and DP-FedAvg noise from NumPy's global
+    # RNG; seed both from the run's seed so a run is reproducible (and resumable exactly).
+    random.seed(derive_seed(config.seed, "server", "python-random"))
+    np.random.seed(derive_seed(config.seed, "server", "numpy-global") % 2**32)
     num_hospitals = _wait_for_hospitals(grid)
     if config.privacy.sample_level:
         from server.privacy_plan import check_privacy_plan  # Opacus, only when needed

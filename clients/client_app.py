@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -68,16 +69,21 @@ def _persist(hospital: Hospital, context: Context, config: ConfigRecord, server_
     )
 
 
+def _open(msg: Message, context: Context) -> tuple[Hospital, ConfigRecord, int, torch.nn.Module]:
+    """What every message starts with: the hospital, its round, the global model."""
+    hospital = _hospital(context)
+    config = msg.content["config"]
+    _restore_if_resuming(hospital, context, config)
+    model = hospital.new_model()
+    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    return hospital, config, int(config["server-round"]), model
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train the global model locally (DP-SGD when sample-level DP is on) and reply."""
-    hospital = _hospital(context)
-    config = msg.content["config"]
-    server_round = int(config["server-round"])
-    _restore_if_resuming(hospital, context, config)
+    hospital, config, server_round, model = _open(msg, context)
     status = _status(context)
-    model = hospital.new_model()
-    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
 
     if hospital.config.privacy.sample_level:
         ledger = _ledger(context)
@@ -118,12 +124,7 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the global model on this hospital's test split; report its privacy state."""
-    hospital = _hospital(context)
-    config = msg.content["config"]
-    server_round = int(config["server-round"])
-    _restore_if_resuming(hospital, context, config)
-    model = hospital.new_model()
-    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    hospital, config, server_round, model = _open(msg, context)
     scores, n = hospital.evaluate(model, "test")
     metrics = MetricRecord(
         {

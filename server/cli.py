@@ -453,7 +453,7 @@ def command_keygen(args: argparse.Namespace) -> int:
 
 
 def command_checkpoint(args: argparse.Namespace) -> int:
-    """``verify`` (tag-free: signature and structure), ``inspect`` (header only), ``export``."""
+    """``verify`` (signature and GCM tag), ``inspect`` (header only, no key), ``export``."""
     import dataclasses
 
     from privacy.checkpoint import CheckpointError, read_checkpoint, read_header, verify_checkpoint
@@ -467,7 +467,8 @@ def command_checkpoint(args: argparse.Namespace) -> int:
         keyring = load_keyring(args.keyring)
         if args.action == "verify":
             header = verify_checkpoint(args.file, verify_key=keyring.verify_key)
-            print(f"fedscan: {args.file}: signature valid (key {header.key_id}, run {header.run_id}, "
+            read_checkpoint(args.file, keyring=keyring)  # the GCM tag too (decrypts, shows nothing)
+            print(f"fedscan: {args.file}: signature and tag valid (key {header.key_id}, run {header.run_id}, "
                   f"round {header.round})")
             return 0
         checkpoint = read_checkpoint(args.file, keyring=keyring)

@@ -29,15 +29,23 @@ def run_rounds(
     after_round: Callable[[int, ArrayRecord], None],
     round_config: dict[str, str | int] | None = None,
     stop_after: int = 0,
+    before_round: Callable[[int], str | None] | None = None,
     timeout: float = 3600,
 ) -> ArrayRecord:
-    """Run rounds ``first_round..num_rounds`` (or up to ``stop_after``); return the arrays."""
+    """Run rounds ``first_round..num_rounds`` (or up to ``stop_after``); return the arrays.
+
+    ``before_round(r)`` is asked before round ``r`` starts; a returned sentence ends the
+    federation there (e.g. a server-side privacy budget that round ``r`` would overshoot).
+    """
     log(INFO, "Starting %s strategy (rounds %d-%d):", strategy.__class__.__name__, first_round, num_rounds)
     strategy.summary()
     started = time.time()
     if first_round == 1 and evaluate_fn is not None:
         log(INFO, "Initial global evaluation results: %s", evaluate_fn(0, arrays))
     for server_round in range(first_round, num_rounds + 1):
+        if before_round is not None and (reason := before_round(server_round)):
+            log(INFO, "fedscan: stopping before round %d: %s", server_round, reason)
+            break
         log(INFO, "")
         log(INFO, "[ROUND %s/%s]", server_round, num_rounds)
         replies = grid.send_and_receive(

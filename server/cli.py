@@ -106,10 +106,6 @@ def resolve_run_config(project: Path, overrides: dict[str, Any], hospitals: int 
         check_known_keys(list(overrides))
         merged = {**project_defaults(project), **overrides}
         config = config_from_run_config(merged)
-        if config.privacy.sample_level and hospitals is not None:
-            from server.privacy_plan import check_privacy_plan
-
-            check_privacy_plan(config, hospitals)
     except ConfigError as err:
         raise UserError(str(err)) from None
     for note in privacy_warnings(config):
@@ -118,11 +114,11 @@ def resolve_run_config(project: Path, overrides: dict[str, Any], hospitals: int 
     for key in ("checkpoint.resume-from", "checkpoint.keyring"):
         if merged.get(key):
             resolved[key] = str((Path.cwd() / str(merged[key])).resolve())
-    if config.checkpoint.resume_from:
-        from server.checkpointing import load_resume
+    if hospitals is not None:
+        from server.preflight import preflight
 
         try:  # the same checks the ServerApp makes, before anything starts
-            load_resume(config_from_run_config({**merged, **resolved}))
+            preflight(config_from_run_config({**merged, **resolved}), hospitals)
         except ConfigError as err:
             raise UserError(str(err)) from None
     for key in ("output-dir", "cache-dir"):

@@ -35,19 +35,21 @@ call in ``cryptography``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import os
 import re
 import secrets
+import stat
 import struct
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from cryptography.exceptions import InvalidSignature, InvalidTag
@@ -83,12 +85,21 @@ MAX_HEADER_BYTES = 64 * 1024
 MAX_PAYLOAD_BYTES = 2**31 - 1
 """Largest payload one AES-GCM call in ``cryptography`` accepts."""
 
+MAX_DEPTH = 64
+"""Deepest nesting of lists and dicts accepted in ``meta`` and ``state``, on write and read."""
+
 _NONCE_BYTES = 12
+_TAG_BYTES = 16
 _SIGNATURE_BYTES = 64
+_MAX_DIM = 2**63 - 1  # torch sizes are int64
+_MAX_ROUND = 2**63 - 1
 _VERSION = struct.Struct(">H")
 _U32 = struct.Struct(">I")
 _U64 = struct.Struct(">Q")
 _PREFIX_BYTES = len(MAGIC) + _VERSION.size + _U32.size
+_MAX_FILE_BYTES = _PREFIX_BYTES + MAX_HEADER_BYTES + _U64.size + MAX_PAYLOAD_BYTES + _SIGNATURE_BYTES
+# Header strings are printed by the CLI: no control characters, no lone surrogates.
+_PRINTABLE = re.compile(r"[^\x00-\x1f\x7f-\x9f\ud800-\udfff]*")
 _HEADER_KEYS = frozenset(
     {"format", "kind", "run_id", "round", "config_hash", "created", "key_id", "nonce", "meta"}
 )
@@ -198,9 +209,32 @@ class Checkpoint:
 # --------------------------------------------------------------------------- validation
 
 
-def _check_json_able(value: Any, where: str, param: str, function: str) -> None:
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _depth(value: Any) -> int:
+    """Nesting depth of lists and dicts (a scalar is 0), without recursion."""
+    deepest, stack = 0, [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            depth += 1
+            deepest = max(deepest, depth)
+            if depth > MAX_DEPTH:  # no need to walk the rest
+                return depth
+            stack.extend((child, depth) for child in (item.values() if isinstance(item, dict) else item))
+    return deepest
+
+
+def _check_json_able(value: Any, where: str, param: str, function: str, depth: int = 0) -> None:
     if value is None or isinstance(value, (str, bool, int, float)):
         return
+    if isinstance(value, dict | list) and depth >= MAX_DEPTH:
+        raise ValueError(
+            f"The {param!r} parameter of {function} must nest lists and dicts at most {MAX_DEPTH} "
+            f"deep. Got deeper nesting at {where[:200]} instead."
+        )
     if isinstance(value, dict):
         for key, item in value.items():
             if not isinstance(key, str):
@@ -208,11 +242,11 @@ def _check_json_able(value: Any, where: str, param: str, function: str) -> None:
                     f"The {param!r} parameter of {function} must be JSON-able with str keys. "
                     f"Got key {key!r} ({type(key).__name__}) at {where} instead."
                 )
-            _check_json_able(item, f"{where}[{key!r}]", param, function)
+            _check_json_able(item, f"{where}[{key!r}]", param, function, depth + 1)
         return
     if isinstance(value, list):
         for i, item in enumerate(value):
-            _check_json_able(item, f"{where}[{i}]", param, function)
+            _check_json_able(item, f"{where}[{i}]", param, function, depth + 1)
         return
     raise TypeError(
         f"The {param!r} parameter of {function} must hold only dicts, lists, str, int, "
@@ -226,6 +260,11 @@ def _check_str(value: Any, param: str, *, allow_empty: bool = False) -> None:
         raise TypeError(
             f"The {param!r} parameter of write_checkpoint must be a "
             f"{'' if allow_empty else 'non-empty '}str. Got {value!r} instead."
+        )
+    if not _PRINTABLE.fullmatch(value):
+        raise ValueError(
+            f"The {param!r} parameter of write_checkpoint must be printable text (no control "
+            f"characters or lone surrogates). Got {value!r} instead."
         )
 
 
@@ -302,6 +341,8 @@ def _decode_payload(payload: bytes, path: Path) -> tuple[dict[str, torch.Tensor]
         raise corrupt(f"byteorder must be 'little'; got {index['byteorder']!r}")
     if not isinstance(index["state"], dict) or not isinstance(index["tensors"], list):
         raise corrupt("state must be an object and tensors a list")
+    if _depth(index["state"]) > MAX_DEPTH:
+        raise corrupt(f"its state nests lists and dicts more than {MAX_DEPTH} deep")
     blob = memoryview(payload)[start:]
     tensors: dict[str, torch.Tensor] = {}
     expected_offset = 0
@@ -310,25 +351,30 @@ def _decode_payload(payload: bytes, path: Path) -> tuple[dict[str, torch.Tensor]
             raise corrupt("a tensor entry lacks name, dtype, shape, offset or nbytes")
         name, dtype_name, shape = entry["name"], entry["dtype"], entry["shape"]
         offset, nbytes = entry["offset"], entry["nbytes"]
-        if not isinstance(name, str) or name in tensors:
-            raise corrupt(f"tensor name {name!r} is not a str or is repeated")
-        if dtype_name not in _DTYPES:
-            raise corrupt(f"tensor {name!r} has unsupported dtype {dtype_name!r}")
-        if not isinstance(shape, list) or not all(
-            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
-        ):
-            raise corrupt(f"tensor {name!r} has invalid shape {shape!r}")
+        if not isinstance(name, str) or not name or name in tensors:
+            raise corrupt(f"tensor name {name!r:.80} is not a non-empty str or is repeated")
+        if not isinstance(dtype_name, str) or dtype_name not in _DTYPES:
+            raise corrupt(f"tensor {name!r:.80} has unsupported dtype {dtype_name!r:.80}")
+        if not isinstance(shape, list) or not all(_is_int(d) and 0 <= d <= _MAX_DIM for d in shape):
+            raise corrupt(f"tensor {name!r:.80} has invalid shape {shape!r:.80}")
         dtype = _DTYPES[dtype_name]
         itemsize = torch.empty((), dtype=dtype).element_size()
+        # Exact ints only: 4.0 == 4 in Python, but a float cannot slice the blob.
+        if not _is_int(offset) or not _is_int(nbytes):
+            raise corrupt(f"tensor {name!r:.80} has a non-integer offset or size")
         if offset != expected_offset or nbytes != math.prod(shape) * itemsize:
-            raise corrupt(f"tensor {name!r} has inconsistent offset or size")
+            raise corrupt(f"tensor {name!r:.80} has inconsistent offset or size")
         if offset + nbytes > len(blob):
-            raise corrupt(f"tensor {name!r} runs past the end of the payload")
-        if nbytes:
-            raw = torch.frombuffer(bytearray(blob[offset : offset + nbytes]), dtype=torch.uint8)
-            tensors[name] = raw.view(dtype).reshape(shape)
-        else:
-            tensors[name] = torch.empty(shape, dtype=dtype)
+            raise corrupt(f"tensor {name!r:.80} runs past the end of the payload")
+        try:
+            if nbytes:
+                raw = torch.frombuffer(bytearray(blob[offset : offset + nbytes]), dtype=torch.uint8)
+                tensors[name] = raw.view(dtype).reshape(shape)
+            else:
+                tensors[name] = torch.empty(shape, dtype=dtype)
+        except (RuntimeError, ValueError, TypeError, OverflowError):
+            # e.g. more dimensions than torch supports; the checks above make this rare.
+            raise corrupt(f"tensor {name!r:.80} of shape {shape!r:.80} cannot be built") from None
         expected_offset += nbytes
     if expected_offset != len(blob):
         raise corrupt(f"{len(blob) - expected_offset} bytes follow the last tensor")
@@ -379,24 +425,39 @@ def _parse_header(header_bytes: bytes, path: Path) -> tuple[CheckpointHeader, by
     def corrupt(what: str) -> CorruptCheckpoint:
         return CorruptCheckpoint(f"Checkpoint '{path}' has a malformed header: {what}.")
 
+    def strict_float(text: str) -> float:
+        value = float(text)
+        if not math.isfinite(value):  # 1e999; the writer refuses non-finite meta
+            raise ValueError(text)
+        return value
+
+    def no_constant(name: str) -> Any:  # NaN, Infinity: not JSON, never written
+        raise ValueError(name)
+
     try:
-        fields = json.loads(header_bytes.decode("utf-8"))
+        fields = json.loads(
+            header_bytes.decode("utf-8"), parse_float=strict_float, parse_constant=no_constant
+        )
     except (UnicodeDecodeError, ValueError, RecursionError):
-        raise corrupt("it is not UTF-8 JSON") from None
+        raise corrupt("it is not strict UTF-8 JSON") from None
     if not isinstance(fields, dict) or set(fields) != _HEADER_KEYS:
         raise corrupt(f"it must have exactly the keys {', '.join(sorted(_HEADER_KEYS))}")
-    if fields["format"] != FORMAT_VERSION or isinstance(fields["format"], bool):
-        raise corrupt(f"its format {fields['format']!r} disagrees with the file version {FORMAT_VERSION}")
+    if not _is_int(fields["format"]) or fields["format"] != FORMAT_VERSION:
+        raise corrupt(f"its format {fields['format']!r:.80} disagrees with the file version {FORMAT_VERSION}")
     for key in ("kind", "run_id", "config_hash", "created", "key_id", "nonce"):
-        if not isinstance(fields[key], str):
-            raise corrupt(f"{key} must be a str, got {fields[key]!r}")
+        if not isinstance(fields[key], str) or not _PRINTABLE.fullmatch(fields[key]):
+            raise corrupt(f"{key} must be printable text, got {fields[key]!r:.80}")
     rnd = fields["round"]
-    if not isinstance(rnd, int) or isinstance(rnd, bool) or rnd < 0:
-        raise corrupt(f"round must be an int >= 0, got {rnd!r}")
+    if not _is_int(rnd) or not 0 <= rnd <= _MAX_ROUND:
+        raise corrupt(f"round must be an int in [0, 2**63), got {rnd!r:.80}")
     if not isinstance(fields["meta"], dict):
         raise corrupt("meta must be an object")
+    if _depth(fields["meta"]) > MAX_DEPTH:
+        raise corrupt(f"meta nests lists and dicts more than {MAX_DEPTH} deep")
     if not re.fullmatch(r"[0-9a-f]{24}", fields["nonce"]):
         raise corrupt(f"nonce must be {_NONCE_BYTES} bytes in lowercase hex")
+    if not re.fullmatch(r"[0-9a-f]{16}", fields["key_id"]):
+        raise corrupt("key_id must be 16 lowercase hex characters")
     header = CheckpointHeader(
         kind=fields["kind"],
         run_id=fields["run_id"],
@@ -410,35 +471,44 @@ def _parse_header(header_bytes: bytes, path: Path) -> tuple[CheckpointHeader, by
     return header, bytes.fromhex(fields["nonce"])
 
 
-def _parse(data: bytes, path: Path) -> _Parsed:
-    header_len = _parse_prefix(data[:_PREFIX_BYTES], path)
-    header_end = _PREFIX_BYTES + header_len
-    if len(data) < header_end + _U64.size:
-        raise TruncatedCheckpoint(
-            f"Checkpoint '{path}' is truncated: it is {len(data)} bytes and ends inside its header."
-        )
-    header, nonce = _parse_header(data[_PREFIX_BYTES:header_end], path)
-    (ciphertext_len,) = _U64.unpack_from(data, header_end)
-    ciphertext_start = header_end + _U64.size
-    signature_start = ciphertext_start + ciphertext_len
-    expected = signature_start + _SIGNATURE_BYTES
-    if len(data) < expected:
-        raise TruncatedCheckpoint(
-            f"Checkpoint '{path}' is truncated: its length fields need {expected} bytes but "
-            f"the file has {len(data)}."
-        )
-    if len(data) > expected:
-        raise TruncatedCheckpoint(
-            f"Checkpoint '{path}' has {len(data) - expected} unexpected bytes after its "
-            "signature (a length field is damaged or data was appended)."
-        )
+def _parse(path: Path) -> _Parsed:
+    """Read and check the container, never reading (or allocating) more than the file holds."""
+    with _open_checkpoint(path) as (handle, size):
+        prefix = handle.read(_PREFIX_BYTES)
+        header_len = _parse_prefix(prefix, path)
+        header_end = _PREFIX_BYTES + header_len
+        if size < header_end + _U64.size:
+            raise TruncatedCheckpoint(
+                f"Checkpoint '{path}' is truncated: it is {size} bytes and ends inside its header."
+            )
+        header_bytes = _read(handle, header_len, path)
+        header, nonce = _parse_header(header_bytes, path)
+        (ciphertext_len,) = _U64.unpack(_read(handle, _U64.size, path))
+        ciphertext_start = header_end + _U64.size
+        signature_start = ciphertext_start + ciphertext_len
+        expected = signature_start + _SIGNATURE_BYTES
+        if size < expected:
+            raise TruncatedCheckpoint(
+                f"Checkpoint '{path}' is truncated: its length fields need {expected} bytes but "
+                f"the file has {size}."
+            )
+        if size > expected:
+            raise TruncatedCheckpoint(
+                f"Checkpoint '{path}' has {size - expected} unexpected bytes after its "
+                "signature (a length field is damaged or data was appended)."
+            )
+        ciphertext = _read(handle, ciphertext_len, path)
+        signature = _read(handle, _SIGNATURE_BYTES, path)
+        if handle.read(1):
+            raise TruncatedCheckpoint(f"Checkpoint '{path}' grew while it was being read.")
+    version = prefix[: len(MAGIC) + _VERSION.size]
     return _Parsed(
         header=header,
         nonce=nonce,
-        aad=data[: len(MAGIC) + _VERSION.size] + data[_PREFIX_BYTES:header_end],
-        ciphertext=data[ciphertext_start:signature_start],
-        signed=data[:signature_start],
-        signature=data[signature_start:],
+        aad=version + header_bytes,
+        ciphertext=ciphertext,
+        signed=b"".join([prefix, header_bytes, _U64.pack(ciphertext_len), ciphertext]),
+        signature=signature,
     )
 
 
@@ -458,13 +528,47 @@ def _verify(parsed: _Parsed, verify_key: Ed25519PublicKey, path: Path) -> None:
         ) from None
 
 
-def _read_bytes(path: Path) -> bytes:
+@contextlib.contextmanager
+def _open_checkpoint(path: Path) -> Iterator[tuple[BinaryIO, int]]:
+    """Open a regular file for reading; every OS failure becomes a one-sentence CheckpointError."""
     try:
-        return path.read_bytes()
+        info = path.stat()
     except FileNotFoundError:
         raise CheckpointError(f"Checkpoint '{path}' does not exist.") from None
-    except IsADirectoryError:
-        raise CheckpointError(f"Checkpoint '{path}' is a folder, not a file.") from None
+    except (OSError, ValueError) as err:  # ValueError: a NUL byte in the path
+        raise CheckpointError(f"Checkpoint '{path}' cannot be read: {_reason(err)}.") from None
+    if stat.S_ISDIR(info.st_mode):
+        raise CheckpointError(f"Checkpoint '{path}' is a folder, not a file.")
+    if not stat.S_ISREG(info.st_mode):
+        # A FIFO or device could block forever or never end.
+        raise CheckpointError(f"Checkpoint '{path}' is not a regular file.")
+    if info.st_size > _MAX_FILE_BYTES:
+        raise CorruptCheckpoint(
+            f"Checkpoint '{path}' is {info.st_size} bytes, larger than any checkpoint can be "
+            f"({_MAX_FILE_BYTES} bytes)."
+        )
+    try:
+        handle = path.open("rb")
+    except OSError as err:
+        raise CheckpointError(f"Checkpoint '{path}' cannot be read: {_reason(err)}.") from None
+    try:
+        with handle:
+            yield handle, info.st_size
+    except OSError as err:
+        raise CheckpointError(f"Checkpoint '{path}' cannot be read: {_reason(err)}.") from None
+
+
+def _reason(err: BaseException) -> str:
+    reason = getattr(err, "strerror", None) or str(err) or type(err).__name__
+    return " ".join(str(reason).split()).rstrip(".")
+
+
+def _read(handle: BinaryIO, size: int, path: Path) -> bytes:
+    """Exactly ``size`` bytes, or TruncatedCheckpoint (the file shrank while being read)."""
+    data = handle.read(size)
+    if len(data) < size:
+        raise TruncatedCheckpoint(f"Checkpoint '{path}' is truncated: it ended while being read.")
+    return data
 
 
 # --------------------------------------------------------------------------- public API
@@ -642,13 +746,9 @@ def read_header(path: str | os.PathLike[str]) -> CheckpointHeader:
         inside the header, or has a malformed header.
     """
     path = Path(path)
-    try:
-        with path.open("rb") as handle:
-            prefix = handle.read(_PREFIX_BYTES)
-            header_len = _parse_prefix(prefix, path)
-            header_bytes = handle.read(header_len)
-    except FileNotFoundError:
-        raise CheckpointError(f"Checkpoint '{path}' does not exist.") from None
+    with _open_checkpoint(path) as (handle, _):
+        header_len = _parse_prefix(handle.read(_PREFIX_BYTES), path)
+        header_bytes = handle.read(header_len)
     if len(header_bytes) < header_len:
         raise TruncatedCheckpoint(f"Checkpoint '{path}' is truncated: it ends inside its header.")
     return _parse_header(header_bytes, path)[0]
@@ -682,7 +782,7 @@ def verify_checkpoint(path: str | os.PathLike[str], *, verify_key: Ed25519Public
             "The 'verify_key' parameter of verify_checkpoint must be an Ed25519PublicKey. "
             f"Got {type(verify_key).__name__} instead."
         )
-    parsed = _parse(_read_bytes(path), path)
+    parsed = _parse(path)
     _verify(parsed, verify_key, path)
     return parsed.header
 
@@ -728,7 +828,7 @@ def read_checkpoint(
             "The 'keyring' parameter of read_checkpoint must be a Keyring. "
             f"Got {type(keyring).__name__} instead."
         )
-    parsed = _parse(_read_bytes(path), path)
+    parsed = _parse(path)
     _verify(parsed, keyring.verify_key, path)
     try:
         payload = AESGCM(keyring.encryption_key).decrypt(parsed.nonce, parsed.ciphertext, parsed.aad)

@@ -257,21 +257,49 @@ def generate_keyring(folder: str | os.PathLike[str], *, overwrite: bool = False)
     return keyring
 
 
+_MAX_KEY_FILE_BYTES = 64 * 1024
+"""A key file is a few hundred bytes; anything far larger is not one (and is not read)."""
+
+
+def _os_reason(err: OSError) -> str:
+    return " ".join(str(err.strerror or type(err).__name__).split())
+
+
 def _read_key_file(folder: Path, name: str) -> bytes:
     path = folder / name
-    if not path.is_file():
+    try:
+        info = path.stat()  # follows a symlink: the target must be a private regular file
+    except FileNotFoundError:
         raise KeyringError(
             f"Key file '{path}' is missing; a keyring folder holds {ENCRYPTION_KEY_FILE}, "
             f"{SIGNING_KEY_FILE} and {VERIFY_KEY_FILE} (create them with generate_keyring)."
+        ) from None
+    except OSError as err:  # permission denied on the folder, a symlink loop, ...
+        raise KeyringError(f"Key file '{path}' cannot be read: {_os_reason(err)}.") from None
+    if stat.S_ISDIR(info.st_mode):
+        raise KeyringError(
+            f"Key file '{path}' is a folder; it must be a file written by generate_keyring."
+        )
+    if not stat.S_ISREG(info.st_mode):
+        raise KeyringError(
+            f"Key file '{path}' is not a regular file; it must be a file written by generate_keyring."
         )
     if name in _SECRET_FILES and os.name != "nt":
-        mode = stat.S_IMODE(path.stat().st_mode)
+        mode = stat.S_IMODE(info.st_mode)
         if mode & 0o077:
             raise KeyringError(
                 f"Key file '{path}' is accessible by group or others (mode {mode:04o}); "
                 f"it must be private to its owner: run chmod 600 '{path}'."
             )
-    return path.read_bytes()
+    if info.st_size > _MAX_KEY_FILE_BYTES:
+        raise KeyringError(
+            f"Key file '{path}' is {info.st_size} bytes, far larger than a key file; it is not one."
+        )
+    try:
+        with path.open("rb") as handle:
+            return handle.read(_MAX_KEY_FILE_BYTES + 1)
+    except OSError as err:
+        raise KeyringError(f"Key file '{path}' cannot be read: {_os_reason(err)}.") from None
 
 
 def load_keyring(folder: str | os.PathLike[str]) -> Keyring:
@@ -294,7 +322,11 @@ def load_keyring(folder: str | os.PathLike[str]) -> Keyring:
         an Ed25519 key, or ``verify.pub`` is not the public half of ``signing.key``.
     """
     folder = Path(folder)
-    if not folder.is_dir():
+    try:
+        is_dir = folder.is_dir()
+    except OSError as err:  # e.g. a parent folder we may not enter
+        raise KeyringError(f"Keyring folder '{folder}' cannot be read: {_os_reason(err)}.") from None
+    if not is_dir:
         raise KeyringError(
             f"Keyring folder '{folder}' does not exist or is not a folder; create one with generate_keyring."
         )

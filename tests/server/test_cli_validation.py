@@ -95,3 +95,67 @@ def test_privacy_mistakes_stop_before_training(
     assert code == EXIT_USER_ERROR
     assert expected in err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_dry_run_prints_resolved_configs_and_starts_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import tomllib
+
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "not-yet" / "out"
+
+    code = main(["run", str(ROOT), "--dry-run", "--hospitals", "3", "-c", f"num-server-rounds=2 output-dir='{out}'",
+                 "-c", "privacy.mode='client' privacy.delta=1e-6"])
+
+    captured = capsys.readouterr()
+    printed = tomllib.loads(captured.out)  # the printout is valid TOML
+    assert code == 0 and captured.err == ""
+    assert printed["federation-config"] == {"num-supernodes": 3, "client-resources-num-cpus": 1}
+    run = printed["run-config"]
+    assert run["num-server-rounds"] == 2 and run["output-dir"] == str(out)
+    assert run["privacy"]["mode"] == "client" and run["privacy"]["delta"] == 1e-6  # both -c kept
+    assert run["cache-dir"] == str(tmp_path / ".cache" / "fedscan")  # relative paths: absolute
+    assert list(tmp_path.iterdir()) == []  # nothing written, not even the output folder
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--hospitals", "two"],
+        ["-c", "lr=-1"],
+        ["-c", "lr=[1, 2]"],
+        ["-c", "not a pair"],
+        ["-c", "seed=1979-05-27"],
+        ["--federation-config", "num-supernodes=-3"],
+        ["-c", "privacy.mode='sample' privacy.noise-multiplier=0 privacy.delta=0.9"],  # warning + error
+    ],
+)
+def test_dry_run_errors_are_one_line_on_stderr(
+    args: list[str], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(ROOT)
+
+    code = main(["run", "--dry-run", *args])
+
+    captured = capsys.readouterr()
+    assert code == EXIT_USER_ERROR and captured.out == ""
+    assert len(captured.err.strip().splitlines()) == 1 and captured.err.startswith("fedscan: error: ")
+
+
+def test_dry_run_imports_no_torch_and_is_fast() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, time; from server.cli import main; "
+        "t = time.perf_counter(); rc = [main(['run', '--dry-run', '-c', f'seed={i}']) for i in range(20)]; "
+        "dt = (time.perf_counter() - t) / 20; "
+        "print(rc == [0] * 20, 'torch' in sys.modules, 'monai' in sys.modules, dt, file=sys.stderr)"
+    )
+
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+
+    ok, torch_loaded, monai_loaded, seconds = proc.stderr.split()[-4:]
+    assert (ok, torch_loaded, monai_loaded) == ("True", "False", "False"), proc.stderr
+    assert float(seconds) < 0.1  # ~3 ms a call here; the fuzzer calls it thousands of times

@@ -3,22 +3,26 @@
 from __future__ import annotations
 
 import dataclasses
-import inspect
+import hashlib
+import io
+import json
 import math
 import os
+import pickle
 import struct
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-import privacy.checkpoint as checkpoint_module
 from privacy.checkpoint import (
     FORMAT_VERSION,
     MAGIC,
     CheckpointError,
     CheckpointMismatch,
+    CorruptCheckpoint,
     NotACheckpoint,
     TamperedCheckpoint,
     TruncatedCheckpoint,
@@ -288,14 +292,56 @@ def test_state_keeps_nan_and_header_is_frozen(tmp_path: Path, keyring: Keyring) 
         ckpt.header.round = 0  # type: ignore[misc]
 
 
-def test_never_unpickles(tmp_path: Path, keyring: Keyring, monkeypatch: pytest.MonkeyPatch) -> None:
-    source = inspect.getsource(checkpoint_module)
-    assert "pickle" not in source.replace("never unpickled", "").replace("never pickled", "")
-    assert "torch.load" not in source
+class _Marker:
+    """Unpickling this object creates a file: the observable side effect of unpickling."""
 
-    def forbidden(*args: Any, **kwargs: Any) -> None:
-        raise AssertionError("torch.load must not be called")
+    def __init__(self, path: Path) -> None:
+        self.path = path
 
-    monkeypatch.setattr(torch, "load", forbidden)
-    path = _write(tmp_path / "c.ckpt", keyring)
-    assert read_checkpoint(path, keyring=keyring).state == STATE
+    def __reduce__(self) -> tuple[Any, tuple[str, str]]:
+        return (open, (str(self.path), "w"))
+
+
+def _signed_container(keyring: Keyring, payload: bytes) -> bytes:
+    """A container laid out as write_checkpoint writes it, validly signed and encrypted, around
+    an arbitrary payload: only the payload decoder stands between it and the caller."""
+    nonce = os.urandom(12)
+    header = json.dumps(
+        {"format": FORMAT_VERSION, "kind": "server", "run_id": "run-1", "round": 1, "config_hash": "",
+         "created": "2026-01-01T00:00:00.000+00:00", "key_id": keyring.key_id, "nonce": nonce.hex(),
+         "meta": {}},
+        sort_keys=True,
+    ).encode()
+    version = struct.pack(">H", FORMAT_VERSION)
+    ciphertext = AESGCM(keyring.encryption_key).encrypt(nonce, payload, MAGIC + version + header)
+    signed = MAGIC + version + struct.pack(">I", len(header)) + header + struct.pack(">Q", len(ciphertext)) + ciphertext
+    return signed + keyring.signing_key.sign(hashlib.sha256(signed).digest())
+
+
+def test_a_signed_pickle_payload_is_refused_without_being_unpickled(tmp_path: Path, keyring: Keyring) -> None:
+    # Prepare: three authentic files whose payloads would create a marker file if unpickled:
+    # a raw pickle, a torch.save archive, and a pickle behind a well-formed index length.
+    marker = tmp_path / "unpickled.marker"
+    raw = pickle.dumps({"state": _Marker(marker)})
+    buffer = io.BytesIO()
+    torch.save({"w": torch.zeros(2), "evil": _Marker(marker)}, buffer)
+    payloads = {
+        "pickle": raw,
+        "torch.save": buffer.getvalue(),
+        "pickle-as-index": struct.pack(">Q", len(raw)) + raw,
+    }
+    assert pickle.loads(raw) and marker.exists()  # the payload really is live
+    marker.unlink()
+
+    for name, payload in payloads.items():
+        path = tmp_path / f"{name}.ckpt"
+        path.write_bytes(_signed_container(keyring, payload))
+        assert verify_checkpoint(path, verify_key=keyring.verify_key).run_id == "run-1"  # authentic
+
+        # Execute
+        with pytest.raises(CorruptCheckpoint, match="malformed payload") as info:
+            read_checkpoint(path, keyring=keyring)
+
+        # Assert
+        assert not marker.exists(), f"the {name} payload was unpickled"
+        assert isinstance(info.value, CheckpointError) and "\n" not in str(info.value)

@@ -144,3 +144,43 @@ def test_keyring_rejects_mismatched_public_key() -> None:
 
     with pytest.raises(KeyringError, match="not the public half"):
         Keyring(bytes(32), signing, other, key_id_for(other))
+
+
+@posix_only
+def test_unreadable_key_file_is_one_sentence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Prepare: a key file nobody may read. Root reads it anyway, so there the OS refusal a
+    # normal user gets is reproduced at the open() call.
+    generate_keyring(tmp_path)
+    path = tmp_path / SIGNING_KEY_FILE
+    path.chmod(0)
+    if os.geteuid() == 0:
+        real_open = Path.open
+
+        def refuse(self: Path, *args: object, **kwargs: object) -> object:
+            if self == path:
+                raise PermissionError(13, "Permission denied", str(self))
+            return real_open(self, *args, **kwargs)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(Path, "open", refuse)
+
+    # Execute / Assert
+    with pytest.raises(KeyringError, match=r"signing\.key' cannot be read: Permission denied\.$"):
+        load_keyring(tmp_path)
+
+
+@pytest.mark.parametrize("shape", ["folder", "fifo", "huge"])
+def test_key_file_of_the_wrong_kind_is_named(tmp_path: Path, shape: str) -> None:
+    generate_keyring(tmp_path)
+    path = tmp_path / ENCRYPTION_KEY_FILE
+    path.unlink()
+    if shape == "folder":
+        path.mkdir()
+    elif shape == "fifo":
+        os.mkfifo(path)
+    else:
+        path.write_bytes(b"\0" * 100_000)
+        path.chmod(0o600)
+
+    expected = {"folder": "is a folder", "fifo": "is not a regular file", "huge": "100000 bytes, far larger"}[shape]
+    with pytest.raises(KeyringError, match=expected):
+        load_keyring(tmp_path)

@@ -756,9 +756,15 @@ def _worst_case_by_round(hospitals: pd.DataFrame) -> pd.DataFrame:
 def _global_dice(metrics: pd.DataFrame) -> tuple[pd.Series, str]:
     """Global ``dice_mean`` per round and a label saying where it comes from (empty if none)."""
     dice = metrics[metrics["metric"] == "dice_mean"]
-    holdout = dice[(dice["site"] == "global") & (dice["split"] == "holdout")]
-    if not holdout.empty:
-        return holdout.groupby("round")["value"].mean(), "Global model on the server's held-out patients"
+    # "public": the server's public evaluation set; "holdout": runs written before it existed,
+    # when the server pooled held-out patients of every hospital.
+    for split, label in (
+        ("public", "Global model on the server's public evaluation set (no hospital's patients)"),
+        ("holdout", "Global model on the hospitals' pooled held-out patients"),
+    ):
+        server = dice[(dice["site"] == "global") & (dice["split"] == split)]
+        if not server.empty:
+            return server.groupby("round")["value"].mean(), label
     pooled = dice[(dice["site"] == "global") & (dice["split"] == "test")]
     if not pooled.empty:
         return pooled.groupby("round")["value"].mean(), "Patient-weighted mean of the hospitals' test Dice"

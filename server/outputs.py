@@ -21,6 +21,10 @@ from typing import Any
 import pandas as pd
 
 METRICS_COLUMNS = ("round", "site", "split", "metric", "value")
+PUBLIC_SPLIT = "public"
+"""``split`` of the server's rows: its evaluation on the public set (no hospital's patients)."""
+SERVER_SPLITS = (PUBLIC_SPLIT, "holdout")
+"""Splits of the server's own evaluation; ``holdout`` is what runs before the public set wrote."""
 PACKAGES = ("fedscan", "flwr", "torch", "monai", "opacus", "ray", "nilearn", "numpy", "pandas", "cryptography")
 
 
@@ -103,15 +107,17 @@ class RunOutputs:
 
 
 def final_table(metrics: pd.DataFrame) -> pd.DataFrame:
-    """Last-round metrics, one row per site: test Dice (holdout for the server) and train loss.
+    """Last-round metrics, one row per site: test Dice (public set for the server) and train loss.
 
-    Rows: every hospital in id order, then ``global/test`` (patient-weighted mean of the
-    hospitals) and ``global/holdout`` (the server's pooled evaluation).
+    Rows: every hospital evaluated in the last round, in id order (all of them unless
+    hospitals are sampled), then ``global/test`` (patient-weighted mean of those hospitals)
+    and ``global/public`` (the server's evaluation on the public set; ``global/holdout`` in
+    runs written before it existed).
     """
     if metrics.empty:
         return pd.DataFrame()
     last = metrics[metrics["round"] == metrics["round"].max()]
-    dice = last[last["metric"].str.startswith("dice_") & last["split"].isin(["test", "holdout"])]
+    dice = last[last["metric"].str.startswith("dice_") & last["split"].isin(["test", *SERVER_SPLITS])]
     wide = dice.pivot_table(index=["site", "split"], columns="metric", values="value", aggfunc="first")
     loss = last[last["metric"] == "train_loss"].set_index("site")["value"]
     wide["train_loss"] = [loss.get(site, float("nan")) if split == "test" else float("nan") for site, split in wide.index]
@@ -138,8 +144,9 @@ def render_summary(metrics: pd.DataFrame, title: str, details: dict[str, Any]) -
     lines += [
         "",
         "`site` is a hospital id (`partition-id`) or `global`: `global/test` is the patient-weighted",
-        "mean over the hospitals' test splits, `global/holdout` the server's evaluation on the pooled",
-        "held-out patients of every hospital. Dice is MONAI `DiceMetric` per patient",
+        "mean over the test splits of the hospitals evaluated in that round, `global/public` the server's",
+        "evaluation on its public set (template slices through public scanners; no hospital's patient).",
+        "Dice is MONAI `DiceMetric` per patient",
         "(`ignore_empty=False`), averaged over patients; `dice_mean` is over foreground classes;",
         "`train_loss` is the hospital's mean DiceCE loss over its last round's local steps.",
         "",

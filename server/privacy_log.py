@@ -15,7 +15,7 @@ from pathlib import Path
 
 from privacy.events import CLIENT_LEVEL, PRIVACY_COLUMNS, DPEvent
 from server.site_metrics import PrivacyRow
-from sims.config import PrivacySpec
+from sims.config import PrivacySpec, clients_per_round
 
 
 class PrivacyLog:
@@ -32,8 +32,8 @@ class PrivacyLog:
 
     @property
     def clients_per_round(self) -> int:
-        m = self.spec.clients_per_round
-        return self.num_hospitals if m == 0 else min(m, self.num_hospitals)
+        # The same count the strategy samples (config validation made the two keys agree).
+        return clients_per_round(self.spec.clients_per_round, self.num_hospitals)
 
     def add_round(self, server_round: int, rows: list[PrivacyRow]) -> None:
         out = [

@@ -84,7 +84,7 @@ def main(grid: Grid, context: Context) -> None:
     strategy = make_strategy(
         config.train, num_hospitals, SiteMetrics(outputs.add, privacy_log.add_round), config.privacy
     )
-    evaluator = GlobalEvaluator(config, specs, make_model(len(classes), config.train.unet_channels), outputs.add)
+    evaluator = GlobalEvaluator(config, make_model(len(classes), config.train.unet_channels), outputs.add)
 
     # Keys: the configured keyring, else the run-local one of the run this one continues.
     key_root = Path(config.checkpoint.keyring) if config.checkpoint.keyring else (

@@ -12,7 +12,7 @@ from __future__ import annotations
 import difflib
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from sims.world import WorldSpec
@@ -52,6 +52,10 @@ class TrainSpec:
         FedAdam server learning rate ``eta`` (used when ``strategy == "fedadam"``).
     unet_channels : tuple of int
         Feature maps per U-Net level; ``len - 1`` down-samplings by 2.
+    clients_per_round : int
+        Hospitals sampled to train each round, in every privacy mode (0 = all of them, the
+        cross-silo default). The same number as ``privacy.clients-per-round``: the two keys
+        must agree (see :func:`clients_per_round`).
     """
 
     num_server_rounds: int = 30
@@ -63,6 +67,7 @@ class TrainSpec:
     proximal_mu: float = 0.01
     server_lr: float = 0.01
     unet_channels: tuple[int, ...] = (16, 32, 64, 128)
+    clients_per_round: int = 0
 
 
 @dataclass(frozen=True)
@@ -299,6 +304,7 @@ KEYS: dict[str, tuple[str, str, _Parser]] = {
     "proximal-mu": ("train", "proximal_mu", _float_in(0.0, math.inf)),
     "server-lr": ("train", "server_lr", _float_in(0.0, 10.0, lo_open=True)),
     "unet-channels": ("train", "unet_channels", _channels),
+    "clients-per-round": ("train", "clients_per_round", _int_in(0, 10**6)),
     "image-size": ("world", "image_size", _int_in(1, 100_000)),
     "patients-per-hospital": ("world", "patients_per_hospital", _int_in(1, 10**7)),
     "quantity-skew": ("world", "quantity_skew", _float_in(0.0, 1.0)),
@@ -308,6 +314,7 @@ KEYS: dict[str, tuple[str, str, _Parser]] = {
     "val-fraction": ("world", "val_fraction", _float_in(0.0, 1.0, lo_open=True, hi_open=True)),
     "test-fraction": ("world", "test_fraction", _float_in(0.0, 1.0, lo_open=True, hi_open=True)),
     "holdout-per-hospital": ("world", "holdout_per_hospital", _int_in(1, 10**6)),
+    "server-eval-patients": ("world", "server_eval_patients", _int_in(1, 100_000)),
     "augment": ("world", "augment", _bool),
     "privacy.mode": ("privacy", "mode", _choice(PRIVACY_MODES)),
     "privacy.target-epsilon": ("privacy", "target_epsilon", _epsilon_target),
@@ -376,8 +383,35 @@ def config_from_run_config(run_config: Mapping[str, Any]) -> FedscanConfig:
     _check_image_size(world.image_size, train.unet_channels)
     privacy = PrivacySpec(**sections["privacy"])
     _check_privacy(privacy, world)
+    train, privacy = _agree_on_clients_per_round(train, privacy)
     checkpoint = CheckpointSpec(**sections["checkpoint"])
     return FedscanConfig(world=world, train=train, privacy=privacy, checkpoint=checkpoint, **sections["paths"])
+
+
+def _agree_on_clients_per_round(train: TrainSpec, privacy: PrivacySpec) -> tuple[TrainSpec, PrivacySpec]:
+    """One number of hospitals per round, whichever of its two keys set it.
+
+    ``clients-per-round`` and ``privacy.clients-per-round`` (its name from when only
+    client-level DP sampled hospitals) must agree when both are set; the one that is set
+    is written into both specs, so every reader sees the same value.
+    """
+    a, b = train.clients_per_round, privacy.clients_per_round
+    if a and b and a != b:
+        raise ConfigError(
+            "The 'clients-per-round' and 'privacy.clients-per-round' parameters must agree (they are the same "
+            f"number of hospitals per round; set one, or both to one value). Got {a} and {b} instead."
+        )
+    m = a or b
+    return replace(train, clients_per_round=m), replace(privacy, clients_per_round=m)
+
+
+def clients_per_round(requested: int, num_hospitals: int) -> int:
+    """Hospitals that train each round: ``requested`` (0 = all), at most ``num_hospitals``.
+
+    The one place that turns the ``clients-per-round`` setting into a count; the strategy's
+    sampling, the DP-FedAvg wrapper and the client-level accounting (``q = m / K``) all use it.
+    """
+    return num_hospitals if requested == 0 else min(requested, num_hospitals)
 
 
 def _check_privacy(privacy: PrivacySpec, world: WorldSpec) -> None:

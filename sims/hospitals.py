@@ -10,7 +10,12 @@ with the hospital's prevalence, and the hospital's scanner (:mod:`sims.scanners`
 Every random draw comes from ``make_rng(world.seed, hospital, patient, purpose)``,
 so a patient is the same whoever generates it, in whatever order. Data are cached
 per hospital as one ``.npz``; the cache file name hashes everything that shapes the
-data, so a changed world never reads stale data.
+data, so a changed world never reads stale data. Labels are ``uint8`` (classes < 5) on
+disk and in memory; MONAI's one-hot (Dice metric, DiceCE loss) widens them per batch.
+
+The server's evaluation set (:func:`load_public_eval`) is *public*: template slices
+through the public scanner profiles of :func:`make_public_cohort`, no hospital's patient,
+spec or scanner in it, and the same size whatever the number of hospitals.
 """
 
 from __future__ import annotations
@@ -42,14 +47,21 @@ __all__ = [
     "cache_key",
     "load_holdout_pool",
     "load_hospital",
+    "load_public_eval",
     "make_federation",
     "make_patient",
+    "make_public_cohort",
+    "public_eval_patients",
     "split_indices",
     "split_sizes",
 ]
 
 SPLITS: tuple[str, ...] = ("train", "val", "test", "holdout")
-"""Data splits of a hospital; ``holdout`` patients are pooled by the server."""
+"""Data splits of a hospital; ``holdout`` patients stay at the hospital (see
+:func:`load_holdout_pool`); the server evaluates on :func:`load_public_eval`."""
+
+LABEL_DTYPE = np.uint8
+"""Labels are class ids < 5: one byte each, 8x less memory than int64."""
 
 FORMAT_VERSION = 1
 """Bump whenever generation changes, so that caches written before are not reused."""
@@ -149,7 +161,11 @@ def _cohort_sizes(world: WorldSpec, num_hospitals: int) -> list[int]:
 
 
 def make_federation(world: WorldSpec, num_hospitals: int) -> tuple[HospitalSpec, ...]:
-    """Describe every hospital of a federation; no image is generated.
+    """Describe every hospital of a federation; no image is generated. Cached.
+
+    Every message a hospital answers rebuilds its config and looks up its own spec here;
+    the result is computed once per process and ``(world, num_hospitals)`` (``WorldSpec`` is
+    frozen and hashable), so that lookup costs O(1), not O(K), after the first.
 
     Parameters
     ----------
@@ -172,7 +188,12 @@ def make_federation(world: WorldSpec, num_hospitals: int) -> tuple[HospitalSpec,
     """
     if not _is_int(num_hospitals) or num_hospitals < 1:
         raise _invalid("make_federation", "num_hospitals", "an int in [1, inf)", num_hospitals)
-    sizes = _cohort_sizes(world, int(num_hospitals))
+    return _federation(world, int(num_hospitals))
+
+
+@functools.lru_cache(maxsize=16)
+def _federation(world: WorldSpec, num_hospitals: int) -> tuple[HospitalSpec, ...]:
+    sizes = _cohort_sizes(world, num_hospitals)
     scale = world.image_size / 96.0
     specs = []
     for hospital, size in enumerate(sizes):
@@ -353,7 +374,7 @@ def make_patient(world: WorldSpec, spec: HospitalSpec, patient: int) -> tuple[np
         ``(1, H, W)`` float32 in ``[0, 1]`` (divided by its 99.5th percentile, clipped),
         ``H = W = world.image_size``.
     label : numpy.ndarray
-        ``(1, H, W)`` int64 in ``{0..3}``, or ``{0..4}`` when ``world.lesions``.
+        ``(1, H, W)`` uint8 in ``{0..3}``, or ``{0..4}`` when ``world.lesions``.
 
     Notes
     -----
@@ -390,7 +411,7 @@ def make_patient(world: WorldSpec, spec: HospitalSpec, patient: int) -> tuple[np
     image = apply_scanner(image, spec.scanner, rng("scanner"))
     top = float(np.percentile(image, _OUTPUT_PERCENTILE))
     image = np.clip(image / np.float32(top), 0.0, 1.0) if top > 0.0 else image
-    return image[None].astype(np.float32), labels[None].astype(np.int64)
+    return image[None].astype(np.float32), labels[None].astype(LABEL_DTYPE)
 
 
 # --------------------------------------------------------------------------- data sets
@@ -404,7 +425,9 @@ def cache_key(world: WorldSpec, spec: HospitalSpec) -> str:
     str
         24 hex characters of a SHA-256 over the format version, the world and the spec.
     """
-    world_fields = {f.name: getattr(world, f.name) for f in dataclasses.fields(world) if f.name != "augment"}
+    # augment is used by training; server_eval_patients sizes the public set, no hospital's data.
+    unused = ("augment", "server_eval_patients")
+    world_fields = {f.name: getattr(world, f.name) for f in dataclasses.fields(world) if f.name not in unused}
     hospital_fields = {
         "hospital_id": spec.hospital_id,
         "num_patients": spec.num_patients,
@@ -426,18 +449,20 @@ def _generate_hospital(
         if name not in splits:
             continue
         images = np.empty((len(indices), 1, size, size), dtype=np.float32)
-        labels = np.empty((len(indices), 1, size, size), dtype=np.int64)
+        labels = np.empty((len(indices), 1, size, size), dtype=LABEL_DTYPE)
         for row, patient in enumerate(indices):
             images[row], labels[row] = make_patient(world, spec, int(patient))
         data[name] = (images, labels)
     return data
 
 
-def _read_cache(path: Path, splits: tuple[str, ...] = SPLITS) -> dict[str, tuple[np.ndarray, np.ndarray]] | None:
+def _read_cache(
+    path: Path, splits: tuple[str, ...] = SPLITS
+) -> dict[str, tuple[np.ndarray, np.ndarray]] | None:
     try:
         with np.load(path, allow_pickle=False) as archive:
             return {
-                name: (archive[f"{name}_images"], archive[f"{name}_labels"].astype(np.int64))
+                name: (archive[f"{name}_images"], archive[f"{name}_labels"].astype(LABEL_DTYPE, copy=False))
                 for name in splits
             }
     except FileNotFoundError:
@@ -450,7 +475,7 @@ def _write_cache(path: Path, data: dict[str, tuple[np.ndarray, np.ndarray]]) -> 
     arrays: dict[str, np.ndarray] = {}
     for name, (images, labels) in data.items():
         arrays[f"{name}_images"] = images
-        arrays[f"{name}_labels"] = labels.astype(np.uint8)  # labels are < 5; 8x smaller
+        arrays[f"{name}_labels"] = labels.astype(LABEL_DTYPE, copy=False)
     path.parent.mkdir(parents=True, exist_ok=True)
     # Write beside the target then rename: readers (other clients, other processes)
     # see either no file or a complete one.
@@ -484,7 +509,7 @@ def load_hospital(
     -------
     dict of str to (numpy.ndarray, numpy.ndarray)
         For each of :data:`SPLITS`: images ``(N, 1, H, W)`` float32 in ``[0, 1]`` and
-        labels ``(N, 1, H, W)`` int64. Identical with and without the cache.
+        labels ``(N, 1, H, W)`` uint8. Identical with and without the cache.
     """
     if cache_dir is None:
         return _generate_hospital(world, spec)
@@ -502,6 +527,10 @@ def load_holdout_pool(
 ) -> tuple[np.ndarray, np.ndarray]:
     """The holdout patients of every hospital, concatenated in hospital order.
 
+    For in-process comparisons that hold every hospital's data anyway (the plain-loop
+    benchmark). A run's server does not use it: it would hold ``K * holdout_per_hospital``
+    patients of the hospitals themselves; it evaluates on :func:`load_public_eval`.
+
     Parameters
     ----------
     world : WorldSpec
@@ -516,12 +545,12 @@ def load_holdout_pool(
     images : numpy.ndarray
         ``(len(specs) * holdout_per_hospital, 1, H, W)`` float32.
     labels : numpy.ndarray
-        Same shape, int64.
+        Same shape, uint8.
     """
     size = world.image_size
     parts = [_holdout(world, spec, cache_dir) for spec in specs]
     if not parts:
-        return np.empty((0, 1, size, size), np.float32), np.empty((0, 1, size, size), np.int64)
+        return np.empty((0, 1, size, size), np.float32), np.empty((0, 1, size, size), LABEL_DTYPE)
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
@@ -574,3 +603,53 @@ def make_public_cohort(world: WorldSpec, num_patients: int = 200, index: int = 0
         lesion_radius=(low, low + scale * (width_lo + width_hi) / 2),
         scanner=scanner,
     )
+
+
+PUBLIC_SCANNERS = 5
+"""Public cohorts (:func:`make_public_cohort` indices ``0..4``): a perfect scanner and one
+simulated non-hospital scanner of each of the four archetypes; pre-training trains on their
+cohorts (``server/pretraining.py``), the server's evaluation set draws from their scanners."""
+
+PUBLIC_EVAL_OFFSET = 1_000_000_000
+"""Patient index of the first public evaluation patient of each public cohort: beyond any
+cohort (pre-training uses patients ``0..199``) or holdout index, so no evaluation patient is
+ever a pre-training patient."""
+
+
+def public_eval_patients(world: WorldSpec) -> list[tuple[HospitalSpec, int]]:
+    """Who is in the server's evaluation set: ``(public cohort, patient index)`` pairs.
+
+    Patient ``i`` comes from public cohort ``i % PUBLIC_SCANNERS``, patient index
+    ``PUBLIC_EVAL_OFFSET + i // PUBLIC_SCANNERS``: the scanners cycle, a larger set extends a
+    smaller one, and nothing depends on the hospitals or their number.
+    """
+    cohorts = [make_public_cohort(world, index=k) for k in range(PUBLIC_SCANNERS)]
+    return [
+        (cohorts[i % PUBLIC_SCANNERS], PUBLIC_EVAL_OFFSET + i // PUBLIC_SCANNERS)
+        for i in range(world.server_eval_patients)
+    ]
+
+
+def load_public_eval(world: WorldSpec) -> tuple[np.ndarray, np.ndarray]:
+    """The server's evaluation set: ``world.server_eval_patients`` public patients.
+
+    Public by construction: every patient is generated from a public cohort's spec and
+    scanner (:func:`make_public_cohort`; the ICBM152 template is public), never from a
+    hospital's, at patient indices disjoint from pre-training's. Its size does not grow with
+    the number of hospitals, so neither does the server's memory or its evaluation time.
+    Generated in memory (about 5 ms a patient at 96 px), not cached.
+
+    Returns
+    -------
+    images : numpy.ndarray
+        ``(server_eval_patients, 1, H, W)`` float32 in ``[0, 1]``.
+    labels : numpy.ndarray
+        Same shape, uint8.
+    """
+    size = world.image_size
+    n = world.server_eval_patients
+    images = np.empty((n, 1, size, size), dtype=np.float32)
+    labels = np.empty((n, 1, size, size), dtype=LABEL_DTYPE)
+    for row, (cohort, patient) in enumerate(public_eval_patients(world)):
+        images[row], labels[row] = make_patient(world, cohort, patient)
+    return images, labels

@@ -58,8 +58,14 @@ class WorldSpec:
         Fractions of a cohort used for validation and testing, each in ``(0, 1)``,
         together at most 0.8; train is the rest. Every split gets >= 1 patient.
     holdout_per_hospital : int, default 16
-        Extra patients per hospital, disjoint from the cohort, pooled by the server
-        for global evaluation. In ``[0, inf)``.
+        Extra patients per hospital, disjoint from the cohort, generated with the
+        hospital's data. A run's server never reads them (it evaluates on public
+        patients, ``server_eval_patients``); ``load_holdout_pool`` pools them for
+        in-process comparisons (the plain-loop benchmark). In ``[0, inf)``.
+    server_eval_patients : int, default 64
+        Size of the server's evaluation set: public patients (the template through the
+        public scanner profiles that pre-training uses, patients disjoint from
+        pre-training's), the same whatever the number of hospitals. In ``[1, 100000]``.
     augment : bool, default True
         Training-time augmentation switch; used by training, not by data generation
         (and not part of the cache key).
@@ -81,6 +87,7 @@ class WorldSpec:
     val_fraction: float = 0.15
     test_fraction: float = 0.15
     holdout_per_hospital: int = 16
+    server_eval_patients: int = 64
     augment: bool = True
 
     def __post_init__(self) -> None:
@@ -116,3 +123,5 @@ class WorldSpec:
             )
         if not _is_int(self.holdout_per_hospital) or self.holdout_per_hospital < 0:
             raise _invalid(owner, "holdout_per_hospital", "an int in [0, inf)", self.holdout_per_hospital)
+        if not _is_int(self.server_eval_patients) or not 1 <= self.server_eval_patients <= 100_000:
+            raise _invalid(owner, "server_eval_patients", "an int in [1, 100000]", self.server_eval_patients)

@@ -11,14 +11,19 @@ from hypothesis import strategies as st
 
 from sims.hospitals import (
     HOLDOUT_OFFSET,
+    PUBLIC_HOSPITAL_ID,
+    PUBLIC_SCANNERS,
     SPLITS,
     HospitalSpec,
     WorldSpec,
     cache_key,
     load_holdout_pool,
     load_hospital,
+    load_public_eval,
     make_federation,
     make_patient,
+    make_public_cohort,
+    public_eval_patients,
     split_indices,
     split_sizes,
 )
@@ -56,6 +61,7 @@ INVALID_WORLDS: list[tuple[dict, str]] = [
     ({"val_fraction": 0.0}, "The 'val_fraction' parameter of WorldSpec must be a float in (0, 1). Got 0.0 instead."),
     ({"val_fraction": 0.5, "test_fraction": 0.4}, "The 'val_fraction' and 'test_fraction' parameters of WorldSpec must sum to at most 0.8 so that the train split keeps patients. Got 0.5 + 0.4 instead."),
     ({"holdout_per_hospital": -1}, "The 'holdout_per_hospital' parameter of WorldSpec must be an int in [0, inf). Got -1 instead."),
+    ({"server_eval_patients": 0}, "The 'server_eval_patients' parameter of WorldSpec must be an int in [1, 100000]. Got 0 instead."),
 ]
 # fmt: on
 
@@ -216,7 +222,7 @@ def test_make_patient_shapes_types_and_ranges() -> None:
 
     # Assert
     assert image.shape == label.shape == (1, 64, 64)
-    assert image.dtype == np.float32 and label.dtype == np.int64
+    assert image.dtype == np.float32 and label.dtype == np.uint8
     assert image.min() >= 0.0 and image.max() == pytest.approx(1.0)
     assert set(np.unique(label).tolist()) >= {0, 1, 2, 3}
     assert label.max() <= 4
@@ -318,7 +324,7 @@ def test_load_hospital_shapes_match_split_sizes() -> None:
     for name, count in split_sizes(SMALL, spec).items():
         images, labels = data[name]
         assert images.shape == labels.shape == (count, 1, 32, 32)
-        assert images.dtype == np.float32 and labels.dtype == np.int64
+        assert images.dtype == np.float32 and labels.dtype == np.uint8
 
 
 def test_cache_round_trip_is_exact_and_second_load_reads_the_file(tmp_path: Path) -> None:
@@ -367,6 +373,7 @@ def test_cache_key_ignores_augment_and_tracks_everything_else() -> None:
 
     # Assert
     assert cache_key(dataclasses.replace(SMALL, augment=False), spec) == key
+    assert cache_key(dataclasses.replace(SMALL, server_eval_patients=7), spec) == key  # not hospital data
     assert cache_key(dataclasses.replace(SMALL, seed=1), spec) != key
     assert cache_key(dataclasses.replace(SMALL, scanner_severity=2.0), spec) != key
     assert cache_key(SMALL, dataclasses.replace(spec, lesion_prevalence=0.9)) != key
@@ -420,3 +427,110 @@ def test_public_cohorts_are_not_hospitals_and_cover_every_scanner_archetype() ->
         "noisy", "blurry", "bias_contrast", "ringing_spikes"
     }
     assert all(c.scanner != h.scanner for c in cohorts for h in hospitals)
+
+
+# ----------------------------------------------------------------------------- federation cache
+
+
+def test_make_federation_is_computed_once_per_world_and_size() -> None:
+    # Prepare: two equal but distinct WorldSpec objects, as two messages would build them.
+    world, same_world = WorldSpec(seed=11, quantity_skew=0.7), WorldSpec(seed=11, quantity_skew=0.7)
+    assert world is not same_world
+
+    # Execute
+    first = make_federation(world, 50)
+    again = make_federation(same_world, 50)
+    other = make_federation(world, 51)
+
+    # Assert: the second lookup returns the very same tuple; another size is another federation.
+    assert again is first
+    assert other is not first and len(other) == 51
+    with pytest.raises(ValueError, match=r"'num_hospitals' parameter of make_federation .* Got 1.5 instead"):
+        make_federation(world, 1.5)  # type: ignore[arg-type]
+
+
+# ----------------------------------------------------------------------------- public evaluation set
+
+
+def test_public_eval_set_has_the_configured_size_uint8_labels_and_public_patients() -> None:
+    # Prepare
+    world = dataclasses.replace(SMALL, server_eval_patients=7)
+    public = [make_public_cohort(world, index=k) for k in range(PUBLIC_SCANNERS)]
+
+    # Execute
+    images, labels = load_public_eval(world)
+    members = public_eval_patients(world)
+
+    # Assert: size and types.
+    assert images.shape == labels.shape == (7, 1, 32, 32)
+    assert images.dtype == np.float32 and labels.dtype == np.uint8
+    # Every patient comes from a public cohort (cycling through all five scanners), and is
+    # exactly that cohort's patient: no hospital's spec or scanner is involved.
+    assert [cohort for cohort, _ in members] == [public[i % PUBLIC_SCANNERS] for i in range(7)]
+    assert all(cohort.hospital_id >= PUBLIC_HOSPITAL_ID for cohort, _ in members)
+    for row, (cohort, patient) in enumerate(members):
+        image, label = make_patient(world, cohort, patient)
+        np.testing.assert_array_equal(images[row], image)
+        np.testing.assert_array_equal(labels[row], label)
+
+
+def test_public_eval_patients_are_disjoint_from_pretraining_and_from_every_hospital() -> None:
+    # Prepare
+    world = dataclasses.replace(SMALL, server_eval_patients=40)
+    hospitals = make_federation(world, 12)
+
+    # Execute
+    members = public_eval_patients(world)
+
+    # Assert: not a pre-training patient (pre-training uses the public cohorts' splits)...
+    for k in range(PUBLIC_SCANNERS):
+        cohort = make_public_cohort(world, index=k)
+        used = np.concatenate(list(split_indices(world, cohort).values()))
+        chosen = [patient for c, patient in members if c == cohort]
+        assert len(chosen) == 8 and set(chosen).isdisjoint(used.tolist())
+    # ...and no hospital's id (the random streams) or scanner.
+    assert {c.hospital_id for c, _ in members}.isdisjoint(h.hospital_id for h in hospitals)
+    assert all(c.scanner != h.scanner for c, _ in members for h in hospitals)
+
+
+def test_public_eval_set_grows_by_extension_and_ignores_cohort_settings() -> None:
+    # Prepare
+    small = dataclasses.replace(SMALL, server_eval_patients=3)
+    large = dataclasses.replace(SMALL, server_eval_patients=6)
+    other_cohorts = dataclasses.replace(small, patients_per_hospital=40, quantity_skew=1.0, label_skew=1.0)
+
+    # Execute
+    few, more, same = load_public_eval(small), load_public_eval(large), load_public_eval(other_cohorts)
+
+    # Assert
+    np.testing.assert_array_equal(more[0][:3], few[0])
+    np.testing.assert_array_equal(few[0], same[0])
+    np.testing.assert_array_equal(few[1], same[1])
+
+
+def test_uint8_labels_give_the_same_dice_and_loss_as_int64() -> None:
+    """Every consumer of labels (Dice metric, DiceCE loss) widens uint8 itself, per batch."""
+    import torch
+
+    from clients.training import make_loss
+    from sims.anatomy import class_names
+    from sims.evaluation import evaluate_segmentation
+    from sims.model import make_model
+
+    # Prepare
+    world = dataclasses.replace(SMALL, server_eval_patients=5)
+    images, labels = load_public_eval(world)
+    classes = class_names(world.lesions)
+    model = make_model(len(classes), (8, 16), seed=0)
+
+    # Execute
+    dice_uint8 = evaluate_segmentation(model, images, labels, classes, batch_size=2)
+    dice_int64 = evaluate_segmentation(model, images, labels.astype(np.int64), classes, batch_size=2)
+    with torch.no_grad():
+        logits = model(torch.from_numpy(images))
+        loss_uint8 = make_loss()(logits, torch.from_numpy(labels))
+        loss_int64 = make_loss()(logits, torch.from_numpy(labels.astype(np.int64)))
+
+    # Assert
+    assert dice_uint8 == dice_int64
+    assert float(loss_uint8) == float(loss_int64)

@@ -71,7 +71,62 @@ def test_noise_has_the_calibrated_scale_and_model_keys_stay_plain() -> None:
     # mean itself has norm <= C / 1, tiny next to the noise over thousands of entries.
     assert float(grad.std()) == pytest.approx(sigma * c / 5, rel=0.1)
     assert list(model.state_dict()) == keys
-    assert all(not m._forward_hooks for m in model.modules())  # Opacus' hooks removed
+
+
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
+               "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called",
+               "_state_dict_hooks", "_load_state_dict_pre_hooks", "_state_dict_pre_hooks",
+               "_load_state_dict_post_hooks")
+
+
+def _hooks(model: torch.nn.Module) -> dict[str, int]:
+    """Every hook registered on every submodule, by kind (empty dicts left out)."""
+    found: dict[str, int] = {}
+    for name, module in model.named_modules():
+        for attr in _HOOK_DICTS:
+            if getattr(module, attr, None):
+                found[f"{name or 'model'}.{attr}"] = len(getattr(module, attr))
+    return found
+
+
+def test_a_dp_round_leaves_a_plain_model_behind() -> None:
+    # Prepare: a model that went through DP-SGD (Opacus registers forward and full backward
+    # hooks on every trainable layer and stores per-sample state on parameters and modules).
+    x, y = _batch()
+    model = make_model(3, (4, 8), seed=1)
+    fresh = make_model(3, (4, 8), seed=1)
+    assert _hooks(fresh) == {}
+    globals_before = {name: len(getattr(torch.nn.modules.module, name)) for name in dir(torch.nn.modules.module)
+                      if name.startswith("_global_") and name.endswith("hooks")}
+
+    # Execute
+    train_dp_round(
+        model, x, y, loss_fn=make_loss(), steps=3, sample_rate=0.6, noise_multiplier=1.0,
+        max_grad_norm=1.0, lr=1e-2, generator=torch.Generator().manual_seed(5),
+    )
+
+    # Assert: no hook of any kind on any submodule, none left globally ...
+    assert _hooks(model) == {}
+    assert {name: len(getattr(torch.nn.modules.module, name)) for name in globals_before} == globals_before
+    # ... no per-sample gradient on a parameter ...
+    for name, param in model.named_parameters():
+        for attr in ("grad_sample", "_forward_counter", "_current_grad_sample"):
+            assert not hasattr(param, attr), f"{name}.{attr} left behind"
+    assert type(model) is type(fresh)
+
+    # ... and a plain backward pass computes exactly what it computes on a fresh model
+    # holding the same weights, creating no per-sample gradients.
+    assert any(not torch.equal(a, b) for a, b in zip(model.state_dict().values(), fresh.state_dict().values(),
+                                                       strict=True))  # the round did train
+    fresh.load_state_dict(model.state_dict())
+    for net in (model, fresh):
+        net.train()
+        net.zero_grad(set_to_none=True)
+        make_loss()(net(x), y).backward()
+    for (name, got), want in zip(model.named_parameters(), fresh.parameters(), strict=True):
+        assert got.grad is not None and torch.equal(got.grad, want.grad), name
+        assert not hasattr(got, "grad_sample"), name
+    assert _hooks(model) == {}
 
 
 def test_empty_poisson_batches_still_take_a_noisy_step_and_same_seed_same_bytes() -> None:
@@ -93,3 +148,51 @@ def test_sampling_plan() -> None:
     assert sample_rate(106, 8) == pytest.approx(8 / 106)
     assert steps_per_epoch(106, 8) == 13
     assert sample_rate(5, 8) == 1.0 and steps_per_epoch(5, 8) == 1
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="Opacus' remove_hooks() leaves module._is_full_backward_hook = True on the layers it hooked, so "
+    "a later register_backward_hook() raises; privacy/dpsgd.py should reset it after gsm._close()",
+)
+def test_after_a_dp_round_the_model_accepts_any_backward_hook_like_a_fresh_one() -> None:
+    # Prepare
+    x, y = _batch()
+    model = make_model(3, (4, 8), seed=1)
+    train_dp_round(
+        model, x, y, loss_fn=make_loss(), steps=1, sample_rate=1.0, noise_multiplier=1.0,
+        max_grad_norm=1.0, lr=0.0, generator=torch.Generator().manual_seed(5),
+    )
+    calls: list[str] = []
+
+    # Execute: torch refuses a regular backward hook on a module flagged for full ones.
+    for name, module in model.named_modules():
+        if not list(module.children()):
+            module.register_backward_hook(lambda *_, name=name: calls.append(name))  # type: ignore[misc]
+    make_loss()(model(x), y).backward()
+
+    # Assert
+    assert calls and all(getattr(m, "_is_full_backward_hook", None) is not True for m in model.modules())
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="DPOptimizer leaves summed_grad on every parameter and Opacus leaves `activations` on every "
+    "hooked layer; privacy/dpsgd.py should drop them after gsm._close()",
+)
+def test_a_dp_round_leaves_no_per_sample_state_behind() -> None:
+    # Prepare
+    x, y = _batch()
+    model, fresh = make_model(3, (4, 8), seed=1), make_model(3, (4, 8), seed=1)
+
+    # Execute
+    train_dp_round(
+        model, x, y, loss_fn=make_loss(), steps=2, sample_rate=0.6, noise_multiplier=1.0,
+        max_grad_norm=1.0, lr=1e-2, generator=torch.Generator().manual_seed(5),
+    )
+
+    # Assert: parameters and modules carry exactly the attributes of a fresh model's.
+    for (name, param), plain in zip(model.named_parameters(), fresh.parameters(), strict=True):
+        assert set(vars(param)) == set(vars(plain)), f"{name}: {set(vars(param)) - set(vars(plain))}"
+    for (name, module), plain_module in zip(model.named_modules(), fresh.modules(), strict=True):
+        assert set(vars(module)) == set(vars(plain_module)), f"{name}: {set(vars(module)) ^ set(vars(plain_module))}"

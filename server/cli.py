@@ -23,12 +23,14 @@ from server.launcher import (
     EXIT_RUN_FAILED,
     EXIT_TIMEOUT,
     EXIT_USER_ERROR,
+    Interrupted,
     LaunchPlan,
     UserError,
     launch,
     parse_pairs,
     resolve_federation,
     resolve_run_config,
+    stop_signals_raise,
     toml_value,
 )
 
@@ -236,7 +238,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if shutil.which("flwr", path=str(Path(sys.executable).parent)) is None and shutil.which("flwr") is None:
             raise UserError("The 'flwr' command is not installed in this environment: run `make install`.")
         if args.command == "run":
-            return command_run(args, passthrough)
+            # SIGTERM/SIGHUP during validation, too, end with 128 + the signal number.
+            with stop_signals_raise():
+                return command_run(args, passthrough)
         if args.command == "report":
             return command_report(args)
         if args.command == "keygen":
@@ -245,6 +249,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (UserError, _ArgumentError) as err:
         print(f"fedscan: error: {err}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except Interrupted as err:  # outside a launch: nothing of the run is running
+        print("fedscan: interrupted.", file=sys.stderr)
+        return 128 + err.signum
 
 
 if __name__ == "__main__":

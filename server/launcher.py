@@ -670,12 +670,14 @@ _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 @contextlib.contextmanager
-def _stop_signals_raise(stopping: threading.Event) -> Iterator[None]:
+def stop_signals_raise(stopping: threading.Event | None = None) -> Iterator[None]:
     """In the main thread: SIGINT, SIGTERM and SIGHUP raise :class:`Interrupted` once.
 
     Once ``stopping`` is set (the clean-up has begun) further signals are ignored, so a
-    second Ctrl-C cannot cut the clean-up short and leave processes behind.
+    second Ctrl-C cannot cut the clean-up short and leave processes behind. A no-op outside
+    the main thread (Python delivers signals there only).
     """
+    stopping = stopping or threading.Event()
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -794,8 +796,6 @@ def launch(
     launch_id = new_launch_id()
     folder = Path(home) if home is not None else plan.project / ".flwr" / "launches" / launch_id
     env = flower_env(plan.project, launch_id=launch_id, flwr_home=folder / "flwr", env_overrides=env_overrides)
-    for path in (folder / "flwr", Path(env["RAY_TMPDIR"])):
-        path.mkdir(parents=True, exist_ok=True)
     become_subreaper()
     sweeper = ProcessSweeper(launch_id)
     stopping = threading.Event()
@@ -814,8 +814,10 @@ def launch(
         return cancel.is_set() or out_of_time()
 
     flwr: subprocess.Popen[str] | None = None
-    with _stop_signals_raise(stopping):
+    with stop_signals_raise(stopping):
         try:
+            for path in (folder / "flwr", Path(env["RAY_TMPDIR"])):
+                path.mkdir(parents=True, exist_ok=True)
             stage = stage_app(plan.project, folder / "app")
             command = ["flwr", "run", str(stage), "local", "--stream"]
             command += ["--run-config", plan.run_config_arg(), "--federation-config", plan.federation_config_arg()]

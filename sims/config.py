@@ -94,7 +94,9 @@ class PrivacySpec:
         Client-level DP: noise multiplier (>= 0) and clipping norm (> 0) of the server-side
         fixed-clipping DP-FedAvg wrapper.
     clients_per_round : int
-        Hospitals sampled each round in client-level modes (0 = all).
+        Hospitals sampled to train each round (0 = all), in every mode: the older name of
+        ``clients-per-round``, which it must agree with; DP-FedAvg is accounted at
+        ``q = m / K`` with this ``m``.
     calibrate_noise : bool
         With a ``target_epsilon``: ``True`` calibrates the noise multiplier to meet the
         target at the end of the planned run; ``False`` keeps ``noise_multiplier`` and uses

@@ -1,5 +1,7 @@
-"""Differential privacy: DP-SGD wiring, the per-hospital privacy ledger and accounting,
-budget guards and privacy-budget reports, encrypted checkpoints.
+"""Differential privacy and protected state: everything about what a run may reveal.
 
-Nothing lives here yet; it arrives with the privacy and checkpoint issues.
+DP events and the per-hospital privacy ledger (``events``, ``ledger``), epsilon accounting
+with Opacus' RDP and PRV accountants (``accounting``), the DP-SGD round (``dpsgd``), the
+privacy-budget report (``report``), and the encrypted, signed checkpoint format with its
+keyrings (``checkpoint``, ``keys``). Imports no other fedscan package.
 """

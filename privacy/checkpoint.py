@@ -161,7 +161,9 @@ class CheckpointHeader:
     Attributes
     ----------
     kind : str
-        What the checkpoint holds, e.g. ``"server"`` or ``"client"``.
+        What the checkpoint holds: ``"server"`` (the global model, strategy and RNG state,
+        metrics; :mod:`server.checkpointing`) or ``"hospital"`` (one hospital's privacy
+        ledger and bookkeeping, no model; :mod:`clients.hospital_state`).
     run_id : str
         The run that wrote it.
     round : int

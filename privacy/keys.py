@@ -272,17 +272,17 @@ def _read_key_file(folder: Path, name: str) -> bytes:
     except FileNotFoundError:
         raise KeyringError(
             f"Key file '{path}' is missing; a keyring folder holds {ENCRYPTION_KEY_FILE}, "
-            f"{SIGNING_KEY_FILE} and {VERIFY_KEY_FILE} (create them with generate_keyring)."
+            f"{SIGNING_KEY_FILE} and {VERIFY_KEY_FILE} (create them with `fedscan keygen DIR`)."
         ) from None
     except OSError as err:  # permission denied on the folder, a symlink loop, ...
         raise KeyringError(f"Key file '{path}' cannot be read: {_os_reason(err)}.") from None
     if stat.S_ISDIR(info.st_mode):
         raise KeyringError(
-            f"Key file '{path}' is a folder; it must be a file written by generate_keyring."
+            f"Key file '{path}' is a folder; it must be a file written by `fedscan keygen DIR`."
         )
     if not stat.S_ISREG(info.st_mode):
         raise KeyringError(
-            f"Key file '{path}' is not a regular file; it must be a file written by generate_keyring."
+            f"Key file '{path}' is not a regular file; it must be a file written by `fedscan keygen DIR`."
         )
     if name in _SECRET_FILES and os.name != "nt":
         mode = stat.S_IMODE(info.st_mode)
@@ -328,7 +328,7 @@ def load_keyring(folder: str | os.PathLike[str]) -> Keyring:
         raise KeyringError(f"Keyring folder '{folder}' cannot be read: {_os_reason(err)}.") from None
     if not is_dir:
         raise KeyringError(
-            f"Keyring folder '{folder}' does not exist or is not a folder; create one with generate_keyring."
+            f"Keyring folder '{folder}' does not exist or is not a folder; create one with `fedscan keygen DIR`."
         )
     encryption_key = _read_key_file(folder, ENCRYPTION_KEY_FILE)
     if len(encryption_key) != ENCRYPTION_KEY_BYTES:

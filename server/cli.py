@@ -136,47 +136,258 @@ def command_report(args: argparse.Namespace) -> int:
 
 
 def command_keygen(args: argparse.Namespace) -> int:
-    """Create a keyring folder (AES-256 encryption key, Ed25519 signing pair; files 0600)."""
-    from privacy.keys import KeyringError, generate_keyring
+    """Create a keyring folder (AES-256 encryption key, Ed25519 signing pair; files 0600).
 
+    With ``--hospitals N`` also ``FOLDER/hospital-0000`` ... ``hospital-{N-1:04d}``, one
+    keyring per hospital, as a configured ``checkpoint.keyring`` needs them.
+    """
+    from privacy.keys import (
+        ENCRYPTION_KEY_FILE,
+        SIGNING_KEY_FILE,
+        VERIFY_KEY_FILE,
+        KeyringError,
+        generate_keyring,
+    )
+
+    folder = Path(args.folder)
+    if not 0 <= args.hospitals <= 100_000:
+        raise UserError(f"The '--hospitals' option must be an int in [0, 100000]. Got {args.hospitals} instead.")
+    folders = [folder, *(folder / f"hospital-{site:04d}" for site in range(args.hospitals))]
+    if not args.overwrite:  # check all before writing any, so a refusal leaves nothing half-made
+        for one in folders:
+            held = [n for n in (ENCRYPTION_KEY_FILE, SIGNING_KEY_FILE, VERIFY_KEY_FILE) if (one / n).exists()]
+            if held:
+                raise UserError(
+                    f"Keyring folder '{one}' already holds {', '.join(held)}; refusing to overwrite keys "
+                    "(checkpoints written with them would become unreadable). Pass --overwrite to replace them."
+                )
     try:
-        keyring = generate_keyring(args.folder, overwrite=args.overwrite)
+        keyrings = [generate_keyring(one, overwrite=args.overwrite) for one in folders]
     except KeyringError as err:
         raise UserError(str(err).replace("Pass overwrite=True", "Pass --overwrite")) from None
-    print(f"fedscan: keyring {keyring.key_id} written to {Path(args.folder).resolve()} "
+    print(f"fedscan: keyring {keyrings[0].key_id} written to {folder.resolve()} "
           "(encryption.key, signing.key: 0600; verify.pub)")
+    if args.hospitals:
+        print(f"fedscan: {args.hospitals} hospital keyrings written to {folder.resolve()}/hospital-NNNN "
+              f"(hospital-0000 ... hospital-{args.hospitals - 1:04d}); in a real federation each stays at its hospital")
     return 0
 
 
+# --------------------------------------------------------------------------- #
+# fedscan checkpoint                                                          #
+# --------------------------------------------------------------------------- #
+
+_HOSPITAL_RUN_ID = re.compile(r"hospital-(\d+)")
+
+
+def _hospital_folder(header: Any) -> str | None:
+    """``hospital-NNNN`` for a hospital-state checkpoint (its keys' sub-folder), else None."""
+    match = _HOSPITAL_RUN_ID.fullmatch(str(header.run_id))
+    return f"hospital-{int(match.group(1)):04d}" if header.kind == "hospital" and match else None
+
+
+def _run_folder(file: Path) -> Path | None:
+    """The run folder holding ``file``, if it sits where fedscan writes checkpoints.
+
+    Server: ``<run>/checkpoints/round-NNNN.ckpt``; hospital state:
+    ``<run>/hospitals/hospital-NNNN/round-RRRR.ckpt``.
+    """
+    file = file.resolve()
+    if file.parent.name == "checkpoints":
+        return file.parent.parent
+    if file.parent.name.startswith("hospital-") and file.parent.parent.name == "hospitals":
+        return file.parent.parent.parent
+    return None
+
+
+def _run_config(run: Path | None) -> dict[str, Any]:
+    """The resolved config in ``<run>/config.json`` (empty if missing or unreadable)."""
+    if run is None:
+        return {}
+    try:
+        config = json.loads((run / "config.json").read_text()).get("config", {})
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+def _run_keys(file: Path, header: Any) -> Path | None:
+    """The keyring folder of the run ``file`` belongs to: ``<run>/keys`` or its configured keyring.
+
+    For a hospital-state file, that keyring's ``hospital-NNNN`` sub-folder.
+    """
+    run = _run_folder(file)
+    if run is None:
+        return None
+    roots = [run / "keys"]
+    configured = (_run_config(run).get("checkpoint") or {}).get("keyring")
+    if configured:
+        roots.append(Path(str(configured)))
+    sub = _hospital_folder(header)
+    for root in roots:
+        folder = root / sub if sub else root
+        if (folder / "verify.pub").is_file():
+            return folder
+    return None
+
+
+def _load_verify_key(path: Path) -> Any:
+    """The Ed25519 public key in a ``verify.pub`` file; one sentence if it is not one."""
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    if path.is_dir():
+        raise UserError(f"The '--verify-key' option must be a verify.pub file. Got '{path}', a folder: "
+                        f"pass --verify-key {path / 'verify.pub'} or --keyring {path}.")
+    try:
+        if path.stat().st_size > 64 * 1024:
+            raise UserError(f"The '--verify-key' file '{path}' is not a verify.pub file (too large).")
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise UserError(f"The '--verify-key' file '{path}' does not exist; `fedscan keygen DIR` writes DIR/verify.pub.") from None
+    except (OSError, ValueError) as err:
+        raise UserError(f"The '--verify-key' file '{path}' cannot be read ({type(err).__name__}).") from None
+    try:
+        key = serialization.load_pem_public_key(data)
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        raise UserError(f"The '--verify-key' file '{path}' is not a PEM public key (a verify.pub written by "
+                        "`fedscan keygen DIR`).") from None
+    if not isinstance(key, Ed25519PublicKey):
+        raise UserError(f"The '--verify-key' file '{path}' must hold an Ed25519 public key. "
+                        f"Got {type(key).__name__} instead.")
+    return key
+
+
+def _has_secret_keys(folder: Path) -> bool:
+    return (folder / "encryption.key").is_file() and (folder / "signing.key").is_file()
+
+
+def _keyring_for(file: Path, header: Any, keyring: str | None) -> tuple[Path | None, str]:
+    """The keyring folder to use and how it was found (for the message)."""
+    sub = _hospital_folder(header)
+    if keyring is not None:
+        folder = Path(keyring)
+        # `--keyring KEYS` for a hospital's file: its keys are KEYS/hospital-NNNN.
+        if sub and (folder / sub).is_dir():
+            return folder / sub, f"keyring {folder / sub}"
+        return folder, f"keyring {folder}"
+    found = _run_keys(file, header)
+    return found, f"the run's keyring {found}"
+
+
+def _rebuild_hint(file: Path, header: Any) -> str:
+    """How to rebuild the model the exported weights fit, from the header or the run's config.json."""
+    meta = header.meta if isinstance(header.meta, dict) else {}
+    classes, channels = meta.get("num_classes"), meta.get("unet_channels")
+    if classes is None or channels is None:
+        config = _run_config(_run_folder(file))
+        world, train = config.get("world") or {}, config.get("train") or {}
+        if "lesions" in world and train.get("unet_channels"):
+            from sims.anatomy import class_names
+
+            classes = classes if classes is not None else len(class_names(bool(world["lesions"])))
+            channels = channels if channels is not None else train["unet_channels"]
+    if classes is None or channels is None:
+        return ("rebuild the model with sims.model.make_model(num_classes, channels) using the run's "
+                "config.json (its checkpoint header and run folder did not say)")
+    channels = tuple(int(c) for c in channels)
+    return (f"rebuild the model with `model = sims.model.make_model({int(classes)}, {channels})`, then "
+            "`model.load_state_dict(torch.load(OUT, weights_only=True))`")
+
+
+def _export(file: Path, out: Path, keyring_arg: str | None) -> None:
+    import os
+    import tempfile
+
+    from privacy.checkpoint import read_checkpoint, read_header
+    from privacy.keys import load_keyring
+
+    if out.is_dir():
+        raise UserError(f"Refusing to write into '{out}': OUT must be a new file name, and it is a folder.")
+    if out.exists() or out.is_symlink():
+        raise UserError(f"Refusing to overwrite '{out}': choose a new file name.")
+    if not out.parent.is_dir():
+        raise UserError(f"Cannot write '{out}': the folder '{out.parent}' does not exist.")
+    header = read_header(file)
+    if _hospital_folder(header) or header.kind == "hospital":
+        raise UserError(
+            f"'{file}' is a hospital-state checkpoint (privacy ledger and round bookkeeping) and holds no model; "
+            "export a server checkpoint: `fedscan checkpoint export RUN/checkpoints/round-NNNN.ckpt OUT`."
+        )
+    folder, _ = _keyring_for(file, header, keyring_arg)
+    if folder is None or not _has_secret_keys(folder):
+        where = f"'{folder}' holds only verify.pub" if folder is not None else "no run keyring was found beside it"
+        raise UserError(
+            f"Exporting '{file}' needs the keyring that wrote it and {where}: "
+            f"run `fedscan checkpoint export {file} {out} --keyring DIR`."
+        )
+    checkpoint = read_checkpoint(file, keyring=load_keyring(folder))
+    weights = {k[len("arrays/") :]: v.clone() for k, v in checkpoint.tensors.items() if k.startswith("arrays/")}
+    if not weights:
+        raise UserError(f"'{file}' holds no model weights (no 'arrays/' tensors); nothing to export.")
+    import torch
+
+    # A temp file in OUT's folder, then a hard link: never overwrites OUT, even one made meanwhile.
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    os.close(fd)
+    try:
+        torch.save(weights, tmp)
+        try:
+            os.link(tmp, out)
+        except FileExistsError:
+            raise UserError(f"Refusing to overwrite '{out}': choose a new file name.") from None
+    finally:
+        os.unlink(tmp)
+    print(f"fedscan: exported the model ({len(weights)} tensors, round {header.round}) to {out}: a plain "
+          "state dict, torch.load(OUT, weights_only=True)")
+    print(f"fedscan: {_rebuild_hint(file, header)}")
+
+
 def command_checkpoint(args: argparse.Namespace) -> int:
-    """``verify`` (signature and GCM tag), ``inspect`` (header only, no key), ``export``."""
+    """``verify`` (signature, and the GCM tag given the keyring), ``inspect`` (header only), ``export``."""
     import dataclasses
 
-    from privacy.checkpoint import CheckpointError, read_checkpoint, read_header
+    from privacy.checkpoint import CheckpointError, WrongKey, read_checkpoint, read_header, verify_checkpoint
     from privacy.keys import KeyringError, load_keyring
 
+    file = Path(args.file)
+    key_hint = "KEYS/verify.pub"
     try:
         if args.action == "inspect":
-            header = read_header(args.file)
+            header = read_header(file)
             print(json.dumps(dataclasses.asdict(header), indent=2, sort_keys=True, default=str))
-            return 0
-        keyring = load_keyring(args.keyring)
-        if args.action == "verify":
-            # read_checkpoint checks the signature, then the GCM tag; nothing is shown.
-            header = read_checkpoint(args.file, keyring=keyring).header
-            print(f"fedscan: {args.file}: signature and tag valid (key {header.key_id}, run {header.run_id}, "
-                  f"round {header.round})")
-            return 0
-        checkpoint = read_checkpoint(args.file, keyring=keyring)
-        out = Path(args.out)
-        if out.exists():
-            raise UserError(f"Refusing to overwrite '{out}': choose a new file name.")
-        import torch
-
-        # A plain state dict of tensors: loadable with torch.load(..., weights_only=True).
-        torch.save({k: v.clone() for k, v in checkpoint.tensors.items()}, out)
-        print(f"fedscan: exported {len(checkpoint.tensors)} tensors to {out} (torch.load(..., weights_only=True))")
-        return 0
+            return EXIT_OK
+        if args.action == "export":
+            _export(file, Path(args.out), args.keyring)
+            return EXIT_OK
+        header = read_header(file)  # which keys to look for; verified below
+        if sub := _hospital_folder(header):
+            key_hint = f"KEYS/{sub}/verify.pub"  # a hospital signs with its own keys
+        if args.verify_key is not None:
+            header = verify_checkpoint(file, verify_key=_load_verify_key(Path(args.verify_key)))
+            print(f"fedscan: {file}: signature valid (key {header.key_id}, {header.kind}, run {header.run_id}, "
+                  f"round {header.round}); the GCM tag needs the encryption key: add --keyring DIR to check it too")
+            return EXIT_OK
+        folder, source = _keyring_for(file, header, args.keyring)
+        if folder is None:
+            raise UserError(
+                f"No key to verify '{file}' with, and no run keyring beside it: run "
+                f"`fedscan checkpoint verify {file} --verify-key KEYS/verify.pub` (or --keyring KEYS)."
+            )
+        if args.keyring is None and not _has_secret_keys(folder):
+            header = verify_checkpoint(file, verify_key=_load_verify_key(folder / "verify.pub"))
+            print(f"fedscan: {file}: signature valid (key {header.key_id}, {header.kind}, run {header.run_id}, "
+                  f"round {header.round}; {source}/verify.pub)")
+            return EXIT_OK
+        # read_checkpoint checks the signature, then the GCM tag; nothing is shown.
+        header = read_checkpoint(file, keyring=load_keyring(folder)).header
+        print(f"fedscan: {file}: signature and GCM tag valid (key {header.key_id}, {header.kind}, "
+              f"run {header.run_id}, round {header.round}; {source})")
+        return EXIT_OK
+    except WrongKey as err:
+        raise UserError(f"{err} Try `fedscan checkpoint verify {file} --verify-key {key_hint}` with the "
+                        "writer's key.") from None
     except (CheckpointError, KeyringError) as err:
         raise UserError(str(err)) from None
     except FileNotFoundError as err:
@@ -212,18 +423,37 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("run_dir", metavar="RUN_DIR", help="a run folder, e.g. outputs/latest")
     keygen = sub.add_parser("keygen", help="create a keyring folder for encrypted, signed checkpoints")
     keygen.add_argument("folder", nargs="?", default="keys", help="the keyring folder (default: keys)")
+    keygen.add_argument("--hospitals", type=int, default=0, metavar="N",
+                        help="also create FOLDER/hospital-0000 ... one keyring per hospital (default: 0)")
     keygen.add_argument("--overwrite", action="store_true", help="replace existing keys")
     ckpt = sub.add_parser("checkpoint", help="verify, inspect or export an encrypted checkpoint")
     ckpt_sub = ckpt.add_subparsers(dest="action", required=True)
-    for action, text in (("verify", "check structure and signature"), ("inspect", "print the metadata, never weights")):
-        one = ckpt_sub.add_parser(action, help=text)
-        one.add_argument("file", metavar="FILE")
-        if action == "verify":
-            one.add_argument("--keyring", default="keys", help="keyring folder (default: keys)")
-    export = ckpt_sub.add_parser("export", help="decrypt to a plain weights-only torch file")
+    verify = ckpt_sub.add_parser(
+        "verify",
+        help="check the signature (and, given the keyring, the GCM tag); decrypts nothing it shows",
+        description="Check a checkpoint's Ed25519 signature; with the keyring also its AES-GCM tag. "
+        "Without an option, the keys of the run the file belongs to (<run>/keys, or "
+        "<run>/keys/hospital-NNNN for a hospital's state file) are used.",
+    )
+    verify.add_argument("file", metavar="FILE")
+    keys = verify.add_mutually_exclusive_group()
+    keys.add_argument("--verify-key", metavar="PATH", default=None,
+                      help="the writer's public key, e.g. keys/verify.pub (checks the signature)")
+    keys.add_argument("--keyring", metavar="DIR", default=None,
+                      help="the writer's keyring folder (checks the signature and the GCM tag)")
+    inspect = ckpt_sub.add_parser("inspect", help="print the public header, never weights; no key needed")
+    inspect.add_argument("file", metavar="FILE")
+    export = ckpt_sub.add_parser(
+        "export",
+        help="decrypt a server checkpoint's model to a plain state dict (torch.load(OUT, weights_only=True))",
+        description="Write the model of a server checkpoint as a plain state dict that "
+        "sims.model.make_model(num_classes, channels).load_state_dict() accepts; prints how to "
+        "rebuild that model. Never overwrites OUT.",
+    )
     export.add_argument("file", metavar="FILE")
     export.add_argument("out", metavar="OUT")
-    export.add_argument("--keyring", default="keys", help="keyring folder (default: keys)")
+    export.add_argument("--keyring", metavar="DIR", default=None,
+                        help="the writer's keyring folder (default: the run's own keyring beside FILE)")
     return parser
 
 

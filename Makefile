@@ -8,7 +8,7 @@ PIP := $(PY) -m pip --disable-pip-version-check
 CONSTRAINTS := constraints.txt
 STAMP := $(VENV)/.fedscan-installed
 
-.PHONY: install run test bench clean
+.PHONY: install run test lint typecheck bench clean
 
 install: $(STAMP)
 
@@ -25,8 +25,15 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 run: $(STAMP)
 	$(VENV)/bin/fedscan run
 
-test: $(STAMP)
+# The gates CI enforces (.ci/run calls `make test`): lint, types, then the tests.
+test: lint typecheck
 	$(VENV)/bin/pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.bench_federation

@@ -104,7 +104,7 @@ def train_dp_round(
                 # An empty Poisson batch still takes a (pure-noise) step: skipping it
                 # would change the mechanism the accountant assumes.
                 for p in params:
-                    p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
+                    p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)  # type: ignore[attr-defined]
             else:
                 x, y = images[idx], labels[idx]
                 if transform is not None:

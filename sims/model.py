@@ -25,7 +25,7 @@ def make_model(
     seed : int
         Seeds a private generator for the initial weights (the global RNG is untouched).
     """
-    devices = []
+    devices: list[int] = []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         model = UNet(

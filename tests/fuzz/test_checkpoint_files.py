@@ -331,9 +331,9 @@ def test_folders_fifos_missing_and_unreadable_paths_are_one_sentence(tmp_path: P
     for path in paths:
         count("checkpoint: odd path")
         for call in (
-            lambda: read_header(path),
-            lambda: verify_checkpoint(path, verify_key=KEYRING.verify_key),
-            lambda: read_checkpoint(path, keyring=KEYRING),
+            lambda path=path: read_header(path),
+            lambda path=path: verify_checkpoint(path, verify_key=KEYRING.verify_key),
+            lambda path=path: read_checkpoint(path, keyring=KEYRING),
         ):
             try:
                 call()

@@ -642,6 +642,8 @@ class RunResult:
         ``flwr run``'s own exit code (0 even for failed runs; hence ``status``).
     superlink_log : Path or None
         The SuperLink's log file (kept unless the run completed).
+    launch_id : str
+        The value of ``FEDSCAN_LAUNCH_ID`` in every process of the launch.
     """
 
     run_id: str | None
@@ -652,6 +654,7 @@ class RunResult:
     wall_s: float
     flwr_exit_code: int | None = None
     superlink_log: Path | None = None
+    launch_id: str = ""
 
     @property
     def ok(self) -> bool:
@@ -912,4 +915,5 @@ def launch(
         wall_s=time.monotonic() - started,
         flwr_exit_code=flwr_code,
         superlink_log=log,
+        launch_id=launch_id,
     )

@@ -45,4 +45,5 @@ class GlobalEvaluator:
         self._model.load_state_dict(arrays.to_torch_state_dict())
         scores = evaluate_segmentation(self._model, self._images, self._labels, self._classes)
         self._sink([MetricRow(server_round, "global", PUBLIC_SPLIT, k, v) for k, v in scores.items()])
-        return MetricRecord(scores)
+        values: dict[str, int | float | list[int] | list[float]] = dict(scores)  # MetricRecord's value type
+        return MetricRecord(values)

@@ -124,12 +124,12 @@ class EvaluateTrained:
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         if self._trained_nodes is None:
-            return super().configure_evaluate(server_round, arrays, config, grid)  # type: ignore[misc,no-any-return]
+            return super().configure_evaluate(server_round, arrays, config, grid)  # type: ignore[misc]
         nodes, self._trained_nodes = self._trained_nodes, None
         log(INFO, "configure_evaluate: the %s nodes sampled to train", len(nodes))
         config["server-round"] = server_round
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})  # type: ignore[attr-defined]
-        return self._construct_messages(record, nodes, MessageType.EVALUATE)  # type: ignore[attr-defined,no-any-return]
+        return self._construct_messages(record, nodes, MessageType.EVALUATE)  # type: ignore[attr-defined]
 
 
 def _evaluating_trained(base: type[FedAvg]) -> type[FedAvg]:
@@ -137,7 +137,7 @@ def _evaluating_trained(base: type[FedAvg]) -> type[FedAvg]:
     return type(base.__name__, (EvaluateTrained, base), {"__module__": __name__, "__doc__": base.__doc__})
 
 
-_FLOWER = {"fedavg": FedAvg, "fedprox": FedProx, "fedadam": FedAdam}
+_FLOWER: dict[str, type[FedAvg]] = {"fedavg": FedAvg, "fedprox": FedProx, "fedadam": FedAdam}
 _SAMPLED = {name: _evaluating_trained(cls) for name, cls in _FLOWER.items()}
 
 
@@ -167,14 +167,13 @@ def make_strategy(
         train_metrics_aggr_fn=site_metrics.train,
         evaluate_metrics_aggr_fn=site_metrics.evaluate,
     )
-    cls = (_SAMPLED if sampling.evaluate_trained else _FLOWER)[train.strategy]
-    strategy: Strategy
+    extra: dict[str, Any] = {}  # the strategy-specific arguments
     if train.strategy == "fedprox":
-        strategy = cls(**common, proximal_mu=train.proximal_mu)  # type: ignore[call-arg]
+        extra = {"proximal_mu": train.proximal_mu}
     elif train.strategy == "fedadam":
-        strategy = cls(**common, eta=train.server_lr, eta_l=train.lr)  # type: ignore[call-arg]
-    else:
-        strategy = cls(**common)
+        extra = {"eta": train.server_lr, "eta_l": train.lr}
+    cls = (_SAMPLED if sampling.evaluate_trained else _FLOWER)[train.strategy]
+    strategy: Strategy = cls(**common, **extra)
     if privacy.client_level:
         strategy = DifferentialPrivacyServerSideFixedClipping(
             strategy,

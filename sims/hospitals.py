@@ -29,6 +29,7 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from scipy import ndimage
@@ -472,7 +473,7 @@ def _read_cache(
 
 
 def _write_cache(path: Path, data: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
-    arrays: dict[str, np.ndarray] = {}
+    arrays: dict[str, Any] = {}  # Any: np.savez's **kwds type clashes with its allow_pickle flag
     for name, (images, labels) in data.items():
         arrays[f"{name}_images"] = images
         arrays[f"{name}_labels"] = labels.astype(LABEL_DTYPE, copy=False)

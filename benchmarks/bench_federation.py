@@ -5,7 +5,10 @@ Runs, in this order and in one invocation (so both see the same machine load):
 1. warms the data cache (generation is reported separately, it is not training);
 2. ``fedscan run`` (default config, 4 hospitals) as a subprocess, sampling the summed
    resident memory of its whole process tree (CLI, SuperLink, ServerApp, simulation
-   engine, Ray and its workers) every 0.2 s and time-stamping every streamed log line;
+   engine, Ray and its workers) every 0.2 s and time-stamping every streamed log line.
+   It is the user's command, a thin layer over :func:`server.launcher.launch`, timed from
+   outside so start-up includes the CLI's own; the launcher makes itself a child subreaper,
+   so processes whose parent exits (Ray's) stay in the tree being measured;
 3. the plain loop (:mod:`benchmarks.plain_loop`): the same optimizer steps on the same
    data in one process, with the same evaluations.
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from clients.hospital import Hospital
-from server.cli import project_defaults
+from server.launcher import project_defaults
 from sims.anatomy import class_names
 from sims.config import FedscanConfig, config_from_run_config
 from sims.evaluation import evaluate_segmentation

@@ -1,6 +1,6 @@
 """Utility at epsilon 1, 3 and 8 (delta 1e-5, sample-level DP) next to the non-private run.
 
-Each setting is one real ``fedscan run`` (4 hospitals) with the same world and training
+Each setting is one real launch (:func:`server.launcher.launch`, 4 hospitals) with the same world and training
 config; only the privacy keys differ. Prints a Markdown table of the final mean Dice (and
 per class) on the hospitals' test splits and the worst-case epsilon actually spent.
 """
@@ -8,8 +8,6 @@ per class) on the hospitals' test splits and the worst-case epsilon actually spe
 from __future__ import annotations
 
 import argparse
-import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
@@ -22,14 +20,15 @@ COMMON = (
 
 
 def run(label: str, overrides: str, out: Path) -> dict[str, object]:
-    cmd = [
-        str(Path(sys.executable).parent / "fedscan"), "run", "--hospitals", "4",
-        "-c", f"{COMMON} {overrides} output-dir='{out / label}'",
-    ]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"{label} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    run_dir = (out / label / "latest").resolve()
+    from server.launcher import launch, parse_pairs
+
+    config = parse_pairs([f"{COMMON} {overrides} output-dir='{out / label}' cache-dir='{ROOT / '.cache/fedscan'}'"],
+                         "run config")
+    result = launch(config, {"num-supernodes": 4}, project=ROOT)
+    if not result.ok or result.run_dir is None:
+        tail = "\n".join(result.log_tail[-60:])
+        raise SystemExit(f"{label} failed: {result.status} (log: {result.superlink_log})\n{tail}")
+    run_dir = result.run_dir
     metrics = pd.read_csv(run_dir / "metrics.csv", dtype={"site": str})
     last = metrics[(metrics["round"] == metrics["round"].max()) & (metrics["site"] == "global") & (metrics["split"] == "test")]
     row: dict[str, object] = {"setting": label, **{m: v for m, v in zip(last["metric"], last["value"], strict=True) if m.startswith("dice_")}}
@@ -47,7 +46,7 @@ def pretrained_only(out: Path) -> dict[str, object]:
     from flwr.common.config import parse_config_args
 
     from clients.hospital import Hospital
-    from server.cli import project_defaults
+    from server.launcher import project_defaults
     from server.pretraining import pretrain_on_public_data
     from sims.anatomy import class_names
     from sims.config import config_from_run_config

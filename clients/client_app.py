@@ -2,27 +2,37 @@
 
 State that outlives a round lives in ``context.state`` (the ClientApp object is rebuilt
 for every message): the hospital's privacy ledger (``privacy-ledger``) and its round
-bookkeeping (``hospital-status``).
+bookkeeping (``hospital-status``). Whenever it changes, the hospital also writes it to
+disk, encrypted with its own key (:mod:`clients.hospital_state`), so a run can resume.
+
+Simulated faults (``faults.*``) are injected here, by the hospital itself, after its state
+is saved: a hospital that trained with DP-SGD and then crashed has spent that budget.
+Errors are *returned* (``Message(Error(...))``), never raised: Flower drops the context of
+a ClientApp that raises, which would lose a ledger event.
 """
 
 from __future__ import annotations
 
 import math
+import time
 
+import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from clients.hospital import Hospital
 from clients.hospital_state import load_state, save_state
 from privacy.ledger import PrivacyLedger
 from sims.config import config_from_run_config
+from sims.faults import corrupt_arrays, corruption_for, fault_for
 
 app = ClientApp()
 
 LEDGER_KEY = "privacy-ledger"
 STATUS_KEY = "hospital-status"
 BUDGET_EXHAUSTED = 4001  # Error code of a reply that declines a round to protect the budget
+HOSPITAL_CRASHED = 4002  # Error code of a simulated crash after training (server/driver.py)
 
 
 def _hospital(context: Context) -> Hospital:
@@ -30,6 +40,10 @@ def _hospital(context: Context) -> Hospital:
     return Hospital.from_partition(
         config, int(context.node_config["partition-id"]), int(context.node_config["num-partitions"])
     )
+
+
+def _config_hash(hospital: Hospital, context: Context) -> str:
+    return hospital.config.config_hash(int(context.node_config["num-partitions"]))
 
 
 def _ledger(context: Context) -> PrivacyLedger:
@@ -45,28 +59,53 @@ def _status(context: Context) -> ConfigRecord:
 
 
 def _restore_if_resuming(hospital: Hospital, context: Context, config: ConfigRecord) -> None:
-    """First message of a resumed run: load this hospital's state as of the resumed round."""
+    """First message of a resumed run: load this hospital's state as of the resumed round.
+
+    The state is saved again into this run's folder (as of that round), so a resume of this
+    run finds it even if the hospital is never sampled here.
+    """
     resume_dir = str(config.get("resume-dir", ""))
     if not resume_dir or STATUS_KEY in context.state.config_records:
         return
+    resume_round = int(config["resume-round"])
     state = load_state(
-        resume_dir, str(config["key-root"]), hospital.site, int(config["resume-round"]), hospital.config.config_hash()
+        resume_dir, str(config["resume-key-root"]), hospital.site, resume_round, _config_hash(hospital, context)
     )
+    _status(context)  # marks the state as restored, fresh or not
+    if state is None:  # never trained before the resumed round
+        return
     context.state[STATUS_KEY] = ConfigRecord(state["status"])
     if state["ledger"]["round"]:
         context.state[LEDGER_KEY] = ConfigRecord(state["ledger"])
+    _persist(hospital, context, config, resume_round)
 
 
 def _persist(hospital: Hospital, context: Context, config: ConfigRecord, server_round: int) -> None:
-    """End of a round: write this hospital's private state, encrypted with its own key."""
+    """Write this hospital's private state after ``server_round``, encrypted with its own key."""
     run_dir = str(config.get("run-dir", ""))
-    if not run_dir or hospital.config.checkpoint.every == 0:
+    if not run_dir:
         return
-    state = {"ledger": _ledger(context).to_config(), "status": dict(_status(context))}
+    kept = [int(r) for r in str(config.get("kept-rounds", "")).split(",") if r]
+    status = _status(context)
+    if not int(status.get("first-saved", 0)):
+        status["first-saved"] = server_round
+    state = {
+        "ledger": _ledger(context).to_config(),
+        "status": dict(status),
+        "first-saved": int(status["first-saved"]),
+    }
     save_state(
-        run_dir, str(config["key-root"]), hospital.site, server_round, hospital.config.config_hash(), state,
-        keep=hospital.config.checkpoint.keep,
+        run_dir, str(config["key-root"]), hospital.site, server_round, _config_hash(hospital, context), state,
+        kept_server_rounds=kept, create_keys=bool(int(config.get("key-create", 0))),
     )
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """The server's roll call: say which hospital this is (and restore state on a resume)."""
+    hospital = _hospital(context)
+    _restore_if_resuming(hospital, context, msg.content["config"])
+    return Message(RecordDict({"metrics": MetricRecord({"site": hospital.site})}), reply_to=msg)
 
 
 def _open(msg: Message, context: Context) -> tuple[Hospital, ConfigRecord, int, torch.nn.Module]:
@@ -98,6 +137,7 @@ def train(msg: Message, context: Context) -> Message:
                 f"training would take its epsilon from {spent:.3f} to {projected:.3f}, above its target "
                 f"{p.target_epsilon:g} (delta {p.delta:g})"
             )
+            _persist(hospital, context, config, server_round)
             return Message(Error(code=BUDGET_EXHAUSTED, reason=reason), reply_to=msg)
         result, event = hospital.train_private(model, server_round)
         ledger.append(event)
@@ -106,6 +146,21 @@ def train(msg: Message, context: Context) -> Message:
         result = hospital.train(model, server_round, proximal_mu=float(config.get("proximal-mu", 0.0)))
     status["trained-round"] = server_round
     status["steps"] = result.steps
+    _persist(hospital, context, config, server_round)
+
+    faults, seed = hospital.config.faults, hospital.config.seed
+    fault = fault_for(faults, seed=seed, site=hospital.site, server_round=server_round)
+    if fault == "crash":
+        reason = f"hospital {hospital.site} crashed after training in round {server_round} (simulated fault)"
+        return Message(Error(code=HOSPITAL_CRASHED, reason=reason), reply_to=msg)
+    if fault == "straggle":  # reply just after the server's deadline for this round
+        reply_by = float(config.get("reply-by", time.time() + faults.round_timeout))
+        time.sleep(max(0.0, reply_by - time.time()) + faults.straggle_margin)
+    update = ArrayRecord(model.state_dict())
+    if fault == "corrupt":
+        corruption = corruption_for(faults, seed=seed, site=hospital.site, server_round=server_round)
+        bad = corrupt_arrays({k: v.numpy() for k, v in update.items()}, corruption)
+        update = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in bad.items()})
 
     metrics = MetricRecord(
         {
@@ -117,7 +172,7 @@ def train(msg: Message, context: Context) -> Message:
             "server-round": server_round,
         }
     )
-    content = RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": metrics})
+    content = RecordDict({"arrays": update, "metrics": metrics})
     return Message(content=content, reply_to=msg)
 
 
@@ -136,7 +191,6 @@ def evaluate(msg: Message, context: Context) -> Message:
             "server-round": server_round,
         }
     )
-    _persist(hospital, context, config, server_round)
     return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)
 
 

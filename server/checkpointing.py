@@ -1,9 +1,16 @@
 """Server checkpoints: what a run needs to continue exactly, encrypted and signed.
 
 A checkpoint after round ``r`` holds the global model, the strategy's own state (FedAdam's
-moments), the RNG states of the server process, the config hash, the client-level DP
-events, and every metric and privacy row so far. Hospitals persist their own private state
+moments), the RNG states of the server process, the run's binding (everything that shapes
+its numbers, :meth:`sims.config.FedscanConfig.binding`), the client-level DP events, and
+every metric, privacy and failure row so far. Hospitals persist their own private state
 (ledger, bookkeeping) separately, each under its own key (:mod:`clients.hospital_state`).
+
+Keys. A run signs and encrypts with the configured keyring (``checkpoint.keyring``, which
+must exist: nothing is ever written into it) or, by default, with a run-local keyring that
+it makes in ``<its run folder>/keys``. It reads the checkpoint it resumes from with the
+configured keyring or the run-local keyring *of the run that wrote it*; so a resume of a
+resume of a resume works, every file verifying with the keys of the run it sits in.
 """
 
 from __future__ import annotations
@@ -29,17 +36,55 @@ CHECKPOINT_DIR = "checkpoints"
 RUN_LOCAL_KEYS = "keys"
 
 
-def server_keyring_at(key_root: Path) -> Keyring:
-    """The keyring in ``key_root``; a run-local one is made (and announced once) if absent."""
-    if (key_root / "encryption.key").exists():
-        return load_keyring(key_root)
+def key_root(config: FedscanConfig, run_dir: Path) -> Path:
+    """Where this run's keys are: the configured keyring, else ``<run_dir>/keys``."""
+    return Path(config.checkpoint.keyring) if config.checkpoint.keyring else run_dir / RUN_LOCAL_KEYS
+
+
+def source_key_root(config: FedscanConfig, source_run_dir: Path) -> Path:
+    """Where the keys of the run being resumed are: the configured keyring, else its own."""
+    return Path(config.checkpoint.keyring) if config.checkpoint.keyring else source_run_dir / RUN_LOCAL_KEYS
+
+
+def check_configured_keyring(config: FedscanConfig, num_hospitals: int) -> None:
+    """A configured keyring must hold the server's keys and every hospital's; nothing is made.
+
+    Raises
+    ------
+    ConfigError
+        One sentence naming the folder and the command that creates what is missing.
+    """
+    folder = config.checkpoint.keyring
+    if not folder or not config.checkpoint.every:
+        return
+    from clients.hospital_state import hospital_keyring
+
+    make = f"create it with `fedscan keygen {folder} --hospitals {num_hospitals}`"
+    try:
+        load_keyring(folder)
+    except KeyringError as err:
+        raise ConfigError(f"The 'checkpoint.keyring' folder is not usable: {err} ({make}).") from None
+    for site in range(num_hospitals):
+        try:
+            hospital_keyring(folder, site)
+        except KeyringError as err:
+            raise ConfigError(
+                f"The 'checkpoint.keyring' folder '{folder}' has no usable keys for hospital {site}: {err} "
+                f"({make}; a configured keyring is never written to)."
+            ) from None
+
+
+def server_keyring(config: FedscanConfig, run_dir: Path) -> Keyring:
+    """This run's server keyring: the configured one, or a run-local one made in ``run_dir``."""
+    if config.checkpoint.keyring:
+        return load_keyring(config.checkpoint.keyring)
     log(
         WARNING,
         "fedscan: no checkpoint.keyring configured; made a run-local keyring in %s. Keys kept "
-        "beside the checkpoints protect nothing: this is for simulation only (fedscan keygen).",
-        key_root,
+        "beside the checkpoints protect nothing: this is for simulation only (fedscan keygen DIR).",
+        run_dir / RUN_LOCAL_KEYS,
     )
-    return generate_keyring(key_root)
+    return generate_keyring(run_dir / RUN_LOCAL_KEYS)
 
 
 def _strategy_state(strategy: Strategy) -> dict[str, torch.Tensor]:
@@ -86,6 +131,7 @@ class ResumeState:
     metric_rows: list[MetricRow]
     privacy_rows: list[list[Any]]
     client_events: list[dict[str, Any]]
+    failure_rows: list[list[Any]]
     source_run_dir: Path
     rng_tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     rng_state: dict[str, Any] = field(default_factory=dict)
@@ -108,27 +154,43 @@ def find_checkpoint(resume_from: str) -> Path:
     return path
 
 
-def resume_keyring(config: FedscanConfig, checkpoint: Path) -> Keyring:
-    if config.checkpoint.keyring:
-        return load_keyring(config.checkpoint.keyring)
-    return load_keyring(checkpoint.parent.parent / RUN_LOCAL_KEYS)
+def _show(value: Any) -> str:
+    return "none" if value is None else repr(value)
 
 
-def load_resume(config: FedscanConfig) -> ResumeState:
+def binding_mismatch(written: dict[str, Any], wanted: dict[str, Any]) -> str | None:
+    """The first setting that differs between two bindings, as a sentence, or ``None``."""
+    for key in sorted(set(written) | set(wanted)):
+        if written.get(key) != wanted.get(key):
+            return (
+                f"it was written with {key} = {_show(written.get(key))}, and this run has "
+                f"{key} = {_show(wanted.get(key))}"
+            )
+    return None
+
+
+def load_resume(config: FedscanConfig, num_hospitals: int) -> ResumeState:
     """Read, verify and decrypt the checkpoint named by ``checkpoint.resume_from``.
 
     Raises
     ------
     ConfigError
-        One sentence for a wrong key, a tampered or truncated file, an unknown version or a
-        checkpoint written for a different config.
+        One sentence for a wrong key, a tampered or truncated file, an unknown version, or a
+        checkpoint written for another config or federation size (naming the setting and
+        both values).
     """
     path = find_checkpoint(config.checkpoint.resume_from)
+    source = path.parent.parent
     try:
-        keyring = resume_keyring(config, path)
-        ckpt = read_checkpoint(path, keyring=keyring, expected_config_hash=config.config_hash())
+        keyring = load_keyring(source_key_root(config, source))
+        ckpt = read_checkpoint(path, keyring=keyring)
     except (CheckpointError, KeyringError) as err:
         raise ConfigError(f"Cannot resume from '{path}': {err}") from None
+    if ckpt.header.kind != "server":
+        raise ConfigError(f"Cannot resume from '{path}': it is a {ckpt.header.kind!r} checkpoint, not a server one.")
+    if ckpt.header.config_hash != config.config_hash(num_hospitals):
+        why = binding_mismatch(ckpt.state.get("binding") or {}, config.binding(num_hospitals))
+        raise ConfigError(f"Cannot resume from '{path}': {why or 'it was written for a different config'}.")
     tensors = ckpt.tensors
     arrays = ArrayRecord({k[len("arrays/") :]: v for k, v in tensors.items() if k.startswith("arrays/")})
     state = ckpt.state
@@ -139,7 +201,8 @@ def load_resume(config: FedscanConfig) -> ResumeState:
         metric_rows=[MetricRow(*row) for row in state["metrics"]],
         privacy_rows=state["privacy"],
         client_events=state["client_events"],
-        source_run_dir=path.parent.parent,
+        failure_rows=state.get("failures", []),
+        source_run_dir=source,
         rng_tensors={k: v for k, v in tensors.items() if k.startswith("rng/")},
         rng_state=state["rng"],
     )
@@ -148,16 +211,27 @@ def load_resume(config: FedscanConfig) -> ResumeState:
 class ServerCheckpointer:
     """Writes ``<run>/checkpoints/round-NNNN.ckpt`` every ``checkpoint.every`` rounds."""
 
-    def __init__(self, config: FedscanConfig, run_dir: Path, run_id: str, keyring: Keyring) -> None:
+    def __init__(
+        self, config: FedscanConfig, run_dir: Path, run_id: str, keyring: Keyring, num_hospitals: int
+    ) -> None:
         self.config = config
         self.folder = run_dir / CHECKPOINT_DIR
         self.run_id = run_id
         self.keyring = keyring
-        self.config_hash = config.config_hash()
+        self.binding = config.binding(num_hospitals)
+        self.config_hash = config.config_hash(num_hospitals)
 
-    def due(self, server_round: int, last_round: int) -> bool:
+    def due(self, server_round: int) -> bool:
         every = self.config.checkpoint.every
-        return every > 0 and (server_round % every == 0 or server_round == last_round)
+        last = self.config.train.num_server_rounds
+        return every > 0 and (server_round % every == 0 or server_round == last)
+
+    def kept_after(self, server_round: int) -> list[int]:
+        """Rounds whose server checkpoints exist once ``server_round``'s is written and pruned."""
+        rounds = {int(p.stem.split("-")[-1]) for p in self.folder.glob("round-*.ckpt")}
+        if self.due(server_round):
+            rounds.add(server_round)
+        return sorted(rounds)[-self.config.checkpoint.keep :]
 
     def save(
         self,
@@ -167,6 +241,7 @@ class ServerCheckpointer:
         metric_rows: list[MetricRow],
         privacy_rows: list[list[Any]],
         client_events: list[dict[str, Any]],
+        failure_rows: list[list[Any]],
     ) -> Path:
         rng_tensors, rng_state = _rng_state()
         tensors = {f"arrays/{k}": v for k, v in arrays.to_torch_state_dict().items()}
@@ -176,7 +251,9 @@ class ServerCheckpointer:
             "metrics": [[r.round, r.site, r.split, r.metric, r.value] for r in metric_rows],
             "privacy": privacy_rows,
             "client_events": client_events,
+            "failures": failure_rows,
             "rng": rng_state,
+            "binding": self.binding,
         }
         path = write_checkpoint(
             self.folder / f"round-{server_round:04d}.ckpt",

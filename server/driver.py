@@ -1,21 +1,207 @@
-"""The round loop of :meth:`flwr.serverapp.strategy.Strategy.start`, resumable.
+"""The round loop of :meth:`flwr.serverapp.strategy.Strategy.start`: resumable, reproducible, fault-tolerant.
 
-``Strategy.start`` always begins at round 1 and offers no hook between rounds; this loop
-runs the strategy's own four hooks in the same order (train, aggregate, evaluate,
-aggregate, server-side evaluation), from any round, and calls ``after_round`` so the run
-can checkpoint. The log lines are Flower's, so tools reading them see no difference.
+``Strategy.start`` always begins at round 1, offers no hook between rounds, waits for every
+reply without checking it, and samples hospitals from Flower's random node ids (so a seed
+does not fix which hospitals train). This loop runs the strategy's own four hooks in the
+same order (train, aggregate, evaluate, aggregate, server-side evaluation) from any round,
+and around them:
+
+- a **roll call** before round 1 learns which hospital (``partition-id``) sits at which
+  node, and lets every hospital restore its private state on a resume;
+- hospitals are listed to the strategy **in hospital order** and Python's ``random`` (which
+  Flower samples with) is re-seeded from ``(seed, round)`` before each sampling, so the
+  same seed samples the same hospitals, on a resume too;
+- every reply is **checked** before aggregation (an error, no reply within the round
+  timeout, NaN/Inf, a wrong set of arrays, shape or dtype) and rejected with a logged
+  reason into ``failures.csv``; replies are aggregated in hospital order, so sums are
+  bit-for-bit reproducible;
+- a round with fewer usable updates than ``faults.min-available`` fails the run (it can
+  be resumed from the last checkpoint), unless every missing update was a hospital
+  declining to protect its privacy budget;
+- ``after_round`` checkpoints; ``before_round`` may stop the federation (a server-side
+  privacy budget).
+
+The log lines are Flower's where Flower has them.
 """
 
 from __future__ import annotations
 
+import random
 import time
-from collections.abc import Callable
-from logging import INFO
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from logging import INFO, WARNING
+from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
+
+from server.failures import FAULT_KINDS, Failure
+from sims.seeding import derive_seed
+
+BUDGET_EXHAUSTED = 4001  # Error code of a reply that declines a round to protect the budget
+HOSPITAL_CRASHED = 4002  # Error code of a (simulated) hospital that failed after training
+
+RoundConfig = Callable[[int], dict[str, Any]]
+
+
+class FederationError(RuntimeError):
+    """The federation cannot go on (too few usable updates, hospitals missing at the roll call)."""
+
+
+class SiteOrderedGrid:
+    """A :class:`Grid` whose node ids come in hospital order (Flower's are random per run)."""
+
+    def __init__(self, grid: Grid, site_of: dict[int, int]) -> None:
+        self._grid = grid
+        self._site_of = site_of
+
+    def get_node_ids(self) -> list[int]:
+        return sorted(self._grid.get_node_ids(), key=lambda n: self._site_of.get(n, 1 << 62))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+
+@dataclass
+class Exchange:
+    """What came back from one phase of a round."""
+
+    usable: list[Message] = field(default_factory=list)
+    failures: list[Failure] = field(default_factory=list)
+    pending: list[str] = field(default_factory=list)  # message ids still out (stragglers)
+
+
+def roll_call(grid: Grid, config: dict[str, Any], *, timeout: float, expected: int) -> dict[int, int]:
+    """Ask every node which hospital it is; each hospital also restores its state if resuming.
+
+    Returns ``{node id: hospital id}``.
+
+    Raises
+    ------
+    FederationError
+        If a node fails to answer or two nodes claim the same hospital.
+    """
+    node_ids = sorted(grid.get_node_ids())
+    messages = [
+        Message(RecordDict({"config": ConfigRecord(dict(config))}), dst_node_id=n, message_type=MessageType.QUERY)
+        for n in node_ids
+    ]
+    replies = list(grid.send_and_receive(messages, timeout=timeout))
+    site_of: dict[int, int] = {}
+    for reply in replies:
+        if reply.has_error():
+            raise FederationError(f"A hospital failed the roll call: {reply.error.reason}")
+        site_of[reply.metadata.src_node_id] = int(reply.content["metrics"]["site"])
+    if len(site_of) < len(node_ids) or len(set(site_of.values())) != len(site_of) or len(site_of) != expected:
+        raise FederationError(
+            f"The roll call heard {len(set(site_of.values()))} distinct hospitals of {expected} within {timeout:g} s."
+        )
+    return site_of
+
+
+def _error_kind(code: int) -> str:
+    return {BUDGET_EXHAUSTED: "budget", HOSPITAL_CRASHED: "crash"}.get(code, "error")
+
+
+def check_update(reply: Message, reference: dict[str, np.ndarray]) -> str | None:
+    """Why a train reply's model update cannot be aggregated, or ``None`` if it can."""
+    arrays = list(reply.content.array_records.values())
+    if len(arrays) != 1:
+        return f"it holds {len(arrays)} ArrayRecords, expected 1"
+    if len(reply.content.metric_records) != 1:
+        return f"it holds {len(reply.content.metric_records)} MetricRecords, expected 1"
+    record = arrays[0]
+    if set(record.keys()) != set(reference):
+        missing, extra = sorted(set(reference) - set(record.keys())), sorted(set(record.keys()) - set(reference))
+        return f"its arrays differ from the model's (missing {missing[:3]}, unexpected {extra[:3]})"
+    for name, expected in reference.items():
+        try:
+            got = record[name].numpy()
+        except Exception as err:  # a malformed buffer is a corrupt update, whatever numpy says
+            return f"array {name!r} cannot be read ({type(err).__name__})"
+        if got.shape != expected.shape:
+            return f"array {name!r} has shape {tuple(got.shape)}, expected {tuple(expected.shape)}"
+        if got.dtype != expected.dtype:
+            return f"array {name!r} has dtype {got.dtype}, expected {expected.dtype}"
+        if np.issubdtype(got.dtype, np.floating) and not np.isfinite(got).all():
+            return f"array {name!r} holds NaN or Inf"
+    metrics = next(iter(reply.content.metric_records.values()))
+    for key in ("num-examples", "uniform-weight"):
+        value = metrics.get(key)
+        if not isinstance(value, int | float) or not np.isfinite(value) or value <= 0:
+            return f"its metric {key!r} is {value!r}, expected a finite number > 0"
+    return None
+
+
+def exchange(
+    grid: Grid,
+    messages: Iterable[Message],
+    *,
+    server_round: int,
+    phase: str,
+    site_of: dict[int, int],
+    timeout: float,
+    reference: dict[str, np.ndarray] | None = None,
+) -> Exchange:
+    """Send ``messages``, collect replies until ``timeout``, and sort them into usable and failed.
+
+    Usable replies come back in hospital order. With ``reference`` (the global model's arrays)
+    each reply's update is checked against it (:func:`check_update`).
+    """
+    messages = list(messages)
+    dst_of: dict[str, int] = {}
+    ids = list(grid.push_messages(messages))
+    for msg_id, msg in zip(ids, messages, strict=True):
+        dst_of[msg_id] = msg.metadata.dst_node_id
+    outstanding = set(ids)
+    replies: list[Message] = []
+    deadline = time.monotonic() + timeout
+    while outstanding and time.monotonic() < deadline:
+        got = list(grid.pull_messages(list(outstanding)))
+        replies += got
+        outstanding -= {m.metadata.reply_to_message_id for m in got}
+        if outstanding:
+            time.sleep(0.05)
+    result = Exchange(pending=sorted(outstanding))
+    for msg_id in sorted(outstanding, key=lambda i: site_of.get(dst_of[i], -1)):
+        site = site_of.get(dst_of[msg_id], -1)
+        result.failures.append(Failure(server_round, site, phase, "late", f"no reply within {timeout:g} s"))
+    for reply in sorted(replies, key=lambda m: site_of.get(m.metadata.src_node_id, -1)):
+        site = site_of.get(reply.metadata.src_node_id, -1)
+        if reply.has_error():
+            kind = _error_kind(reply.error.code)
+            result.failures.append(Failure(server_round, site, phase, kind, reply.error.reason))
+            continue
+        why = check_update(reply, reference) if reference is not None else None
+        if why is not None:
+            result.failures.append(Failure(server_round, site, phase, "corrupt", f"update rejected: {why}"))
+            continue
+        result.usable.append(reply)
+    for failure in result.failures:
+        level = INFO if failure.kind == "budget" else WARNING
+        log(level, "fedscan: round %d %s: hospital %d %s: %s", server_round, phase, failure.site, failure.kind,
+            failure.reason)
+    return result
+
+
+def drain(grid: Grid, pending: list[str], *, timeout: float) -> None:
+    """Wait (up to ``timeout``) for late replies and drop them.
+
+    A straggler keeps working after the round closed; the next message it gets must not be
+    processed beside its late one (both would start from the same hospital state).
+    """
+    outstanding, deadline = set(pending), time.monotonic() + timeout
+    while outstanding and time.monotonic() < deadline:
+        got = list(grid.pull_messages(list(outstanding)))
+        outstanding -= {m.metadata.reply_to_message_id for m in got}
+        if outstanding:
+            time.sleep(0.1)
+    if outstanding:
+        log(WARNING, "fedscan: %d late replies never arrived (waited %.0f s more)", len(outstanding), timeout)
 
 
 def run_rounds(
@@ -23,23 +209,40 @@ def run_rounds(
     grid: Grid,
     arrays: ArrayRecord,
     *,
+    template: dict[str, np.ndarray],
     first_round: int,
     num_rounds: int,
+    seed: int,
+    num_hospitals: int,
     evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None,
     after_round: Callable[[int, ArrayRecord], None],
-    round_config: dict[str, str | int] | None = None,
+    failure_sink: Callable[[list[Failure]], None],
+    round_config: RoundConfig,
+    roll_call_config: dict[str, Any],
+    round_timeout: float,
+    min_available: int = 1,
     stop_after: int = 0,
     before_round: Callable[[int], str | None] | None = None,
-    timeout: float = 3600,
 ) -> ArrayRecord:
     """Run rounds ``first_round..num_rounds`` (or up to ``stop_after``); return the arrays.
 
+    ``template`` is the model's own ``state_dict`` as arrays: every update must have its
+    names, shapes and dtypes (the global arrays may have been widened by the strategy).
+
     ``before_round(r)`` is asked before round ``r`` starts; a returned sentence ends the
     federation there (e.g. a server-side privacy budget that round ``r`` would overshoot).
+
+    Raises
+    ------
+    FederationError
+        When a round gets fewer than ``min_available`` usable updates for any reason other
+        than hospitals declining to protect their privacy budgets.
     """
     log(INFO, "Starting %s strategy (rounds %d-%d):", strategy.__class__.__name__, first_round, num_rounds)
     strategy.summary()
     started = time.time()
+    site_of = roll_call(grid, roll_call_config, timeout=max(round_timeout, 60.0), expected=num_hospitals)
+    ordered = SiteOrderedGrid(grid, site_of)
     if first_round == 1 and evaluate_fn is not None:
         log(INFO, "Initial global evaluation results: %s", evaluate_fn(0, arrays))
     for server_round in range(first_round, num_rounds + 1):
@@ -48,22 +251,47 @@ def run_rounds(
             break
         log(INFO, "")
         log(INFO, "[ROUND %s/%s]", server_round, num_rounds)
-        replies = grid.send_and_receive(
-            messages=strategy.configure_train(server_round, arrays, ConfigRecord(dict(round_config or {})), grid),
-            timeout=timeout,
-        )
-        aggregated, train_metrics = strategy.aggregate_train(server_round, replies)
+        config = round_config(server_round)
+
+        random.seed(derive_seed(seed, "sample-train", server_round))
+        # The deadline travels with the request (a straggler replies just after it).
+        train_config = ConfigRecord({**config, "reply-by": time.time() + round_timeout})
+        messages = strategy.configure_train(server_round, arrays, train_config, ordered)  # type: ignore[arg-type]
+        trained = exchange(grid, messages, server_round=server_round, phase="train", site_of=site_of,
+                           timeout=round_timeout, reference=template)
+        faults = [f for f in trained.failures if f.kind in FAULT_KINDS]
+        if len(trained.usable) < min_available and (faults or not trained.failures):
+            failure_sink(trained.failures)
+            drain(grid, trained.pending, timeout=round_timeout + 60)
+            raise FederationError(
+                f"Round {server_round} got {len(trained.usable)} usable updates, fewer than faults.min-available = "
+                f"{min_available} ({'; '.join(f'hospital {f.site}: {f.kind}' for f in trained.failures) or 'none sent'}). "
+                "Resume from the last checkpoint with checkpoint.resume-from."
+            )
+        usable = trained.usable
+        sampled = getattr(strategy, "num_sampled_clients", None)  # Flower's client-level DP wrapper
+        if sampled and len(usable) < sampled:
+            # Its noise is calibrated to the mean of `sampled` clipped updates; a mean of fewer
+            # would be more sensitive than accounted. Release nothing this round instead.
+            log(WARNING, "fedscan: round %d: %d of %d sampled updates usable; client-level DP releases no "
+                "update this round (the model stays as it was)", server_round, len(usable), sampled)
+            usable = []
+        aggregated, train_metrics = strategy.aggregate_train(server_round, usable)
         if aggregated is not None:
             arrays = aggregated
         if train_metrics is not None:
             log(INFO, "\t└──> Aggregated MetricRecord: %s", train_metrics)
-        replies = grid.send_and_receive(
-            messages=strategy.configure_evaluate(server_round, arrays, ConfigRecord(dict(round_config or {})), grid),
-            timeout=timeout,
-        )
-        evaluate_metrics = strategy.aggregate_evaluate(server_round, replies)
+        drain(grid, trained.pending, timeout=round_timeout + 60)
+
+        random.seed(derive_seed(seed, "sample-evaluate", server_round))
+        messages = strategy.configure_evaluate(server_round, arrays, ConfigRecord(dict(config)), ordered)  # type: ignore[arg-type]
+        evaluated = exchange(grid, messages, server_round=server_round, phase="evaluate", site_of=site_of,
+                             timeout=round_timeout)
+        failure_sink(trained.failures + evaluated.failures)
+        evaluate_metrics = strategy.aggregate_evaluate(server_round, evaluated.usable)
         if evaluate_metrics is not None:
             log(INFO, "\t└──> Aggregated MetricRecord: %s", evaluate_metrics)
+        drain(grid, evaluated.pending, timeout=round_timeout + 60)
         if evaluate_fn is not None:
             log(INFO, "Global evaluation")
             log(INFO, "\t└──> MetricRecord: %s", evaluate_fn(server_round, arrays))

@@ -12,14 +12,22 @@ from sims.config import FedscanConfig
 def preflight(config: FedscanConfig, num_hospitals: int) -> None:
     """Raise :class:`sims.config.ConfigError` if this run cannot go as configured.
 
-    Checks that every hospital's privacy plan can be met, and that the checkpoint to resume
-    from (if any) exists, verifies with its keys and belongs to this config and federation.
+    Checks that every hospital's privacy plan can be met, that the checkpoint to resume from
+    (if any) exists, verifies with its keys and belongs to this config and federation size,
+    and that a configured keyring holds the server's and every hospital's keys.
     """
     if config.privacy.sample_level:
         from server.privacy_plan import check_privacy_plan  # Opacus, only when needed
 
         check_privacy_plan(config, num_hospitals)
-    if config.checkpoint.resume_from:
-        from server.checkpointing import load_resume
+    if config.privacy.client_level:
+        from server.privacy_plan import check_client_privacy_plan  # Opacus, only when needed
 
-        load_resume(config)
+        check_client_privacy_plan(config, num_hospitals)
+    if not (config.checkpoint.resume_from or config.checkpoint.keyring):
+        return
+    from server.checkpointing import check_configured_keyring, load_resume  # torch: only when needed
+
+    if config.checkpoint.resume_from:
+        load_resume(config, num_hospitals)
+    check_configured_keyring(config, num_hospitals)

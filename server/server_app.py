@@ -6,17 +6,18 @@ import random
 import time
 from dataclasses import asdict
 from logging import INFO, WARNING
-from pathlib import Path
 
 import numpy as np
 from flwr.app import ArrayRecord, Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
-from server.checkpointing import RUN_LOCAL_KEYS, ServerCheckpointer, load_resume, server_keyring_at
+from server.checkpointing import ServerCheckpointer, key_root, load_resume, server_keyring, source_key_root
 from server.driver import run_rounds
 from server.evaluation import GlobalEvaluator
+from server.failures import FailureLog
 from server.outputs import RunOutputs
+from server.preflight import preflight
 from server.pretraining import pretrain_on_public_data
 from server.privacy_log import PrivacyLog
 from server.site_metrics import SiteMetrics
@@ -54,11 +55,8 @@ def main(grid: Grid, context: Context) -> None:
     random.seed(derive_seed(config.seed, "server", "python-random"))
     np.random.seed(derive_seed(config.seed, "server", "numpy-global") % 2**32)
     num_hospitals = _wait_for_hospitals(grid)
-    if config.privacy.sample_level:
-        from server.privacy_plan import check_privacy_plan  # Opacus, only when needed
-
-        check_privacy_plan(config, num_hospitals)
-    resume = load_resume(config) if config.checkpoint.resume_from else None
+    preflight(config, num_hospitals)
+    resume = load_resume(config, num_hospitals) if config.checkpoint.resume_from else None
     specs = make_federation(config.world, num_hospitals)
     outputs = RunOutputs.create(config.output_dir, f"run{context.run_id}")
     outputs.write_config(
@@ -66,7 +64,7 @@ def main(grid: Grid, context: Context) -> None:
         seed=config.seed,
         num_hospitals=num_hospitals,
         flower_run_id=context.run_id,
-        config_hash=config.config_hash(),
+        config_hash=config.config_hash(num_hospitals),
         resumed_from=str(resume.source_run_dir) if resume else None,
         hospitals=[asdict(s) for s in specs],
     )
@@ -80,38 +78,51 @@ def main(grid: Grid, context: Context) -> None:
         loss = pretrain_on_public_data(model, config)
         log(INFO, "fedscan: pre-trained %d epochs on public data (template slices, no patient; loss %.4f)",
             config.privacy.pretrain_epochs, loss)
-    privacy_log = PrivacyLog(outputs.run_dir, config.privacy, num_hospitals)
+    privacy_log = PrivacyLog(
+        outputs.run_dir, config.privacy, num_hospitals, num_rounds=config.train.num_server_rounds
+    )
     strategy = make_strategy(
         config.train, num_hospitals, SiteMetrics(outputs.add, privacy_log.add_round), config.privacy
     )
     evaluator = GlobalEvaluator(config, make_model(len(classes), config.train.unet_channels), outputs.add)
 
-    # Keys: the configured keyring, else the run-local one of the run this one continues.
-    key_root = Path(config.checkpoint.keyring) if config.checkpoint.keyring else (
-        (resume.source_run_dir if resume else outputs.run_dir) / RUN_LOCAL_KEYS
-    )
+    # Keys: this run's own (configured, or run-local in its folder); a resume reads the
+    # source run's with the source run's keys (see server/checkpointing.py).
     checkpointer = None
     if config.checkpoint.every:
-        checkpointer = ServerCheckpointer(config, outputs.run_dir, str(context.run_id), server_keyring_at(key_root))
+        checkpointer = ServerCheckpointer(
+            config, outputs.run_dir, str(context.run_id), server_keyring(config, outputs.run_dir), num_hospitals
+        )
+    failures = FailureLog(outputs.run_dir)
     arrays = ArrayRecord(model.state_dict())
+    template = {k: v.numpy() for k, v in arrays.items()}
     first_round = 1
     if resume is not None:
         outputs.add(resume.metric_rows)
         privacy_log.restore(resume.privacy_rows, resume.client_events)
+        failures.restore(resume.failure_rows)
         resume.restore(strategy)
         arrays, first_round = resume.arrays, resume.round + 1
         log(INFO, "fedscan: resuming after round %d from %s", resume.round, resume.source_run_dir)
-    round_config: dict[str, str | int] = {
-        "run-dir": str(outputs.run_dir),
-        "key-root": str(key_root),
+    base_config: dict[str, str | int | float] = {
+        "run-dir": str(outputs.run_dir) if checkpointer is not None else "",
+        "key-root": str(key_root(config, outputs.run_dir)),
+        "key-create": int(not config.checkpoint.keyring),
         "resume-dir": str(resume.source_run_dir) if resume else "",
+        "resume-key-root": str(source_key_root(config, resume.source_run_dir)) if resume else "",
         "resume-round": resume.round if resume else 0,
+        "kept-rounds": "",
     }
 
+    def round_config(server_round: int) -> dict[str, str | int | float]:
+        kept = checkpointer.kept_after(server_round) if checkpointer is not None else []
+        return {**base_config, "kept-rounds": ",".join(map(str, kept))}
+
     def after_round(server_round: int, current: ArrayRecord) -> None:
-        if checkpointer is not None and checkpointer.due(server_round, config.train.num_server_rounds):
+        if checkpointer is not None and checkpointer.due(server_round):
             checkpointer.save(
-                server_round, current, strategy, outputs.rows, privacy_log.rows, privacy_log.client_events
+                server_round, current, strategy, outputs.rows, privacy_log.rows, privacy_log.client_events,
+                failures.rows,
             )
 
     started = time.monotonic()
@@ -119,12 +130,20 @@ def main(grid: Grid, context: Context) -> None:
         strategy,
         grid,
         arrays,
+        template=template,
         first_round=first_round,
         num_rounds=config.train.num_server_rounds,
+        seed=config.seed,
+        num_hospitals=num_hospitals,
         evaluate_fn=evaluator,
         after_round=after_round,
+        failure_sink=failures.add,
         round_config=round_config,
+        roll_call_config=base_config,
+        round_timeout=config.faults.round_timeout,
+        min_available=config.faults.min_available,
         stop_after=config.checkpoint.stop_after,
+        before_round=privacy_log.before_round,
     )
     outputs.write_summary(
         "fedscan run summary",

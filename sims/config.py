@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
+from sims.faults import CORRUPT_KINDS, FaultSpec
 from sims.world import WorldSpec
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam")
@@ -101,6 +102,8 @@ class PrivacySpec:
         With a ``target_epsilon``: ``True`` calibrates the noise multiplier to meet the
         target at the end of the planned run; ``False`` keeps ``noise_multiplier`` and uses
         the target only as the budget cap of the guard (a hospital declines the round that
+        would overshoot it). The same for ``client_target_epsilon`` and
+        ``client_noise_multiplier`` (the server stops the federation before the round that
         would overshoot it).
     dp_layers : str
         Which weights DP-SGD trains at the hospitals: ``"all"``, or ``"head"`` (the two
@@ -109,6 +112,11 @@ class PrivacySpec:
     pretrain_epochs : int
         Epochs of server-side pre-training on public, un-shifted template slices before
         round 1 (costs no patient privacy).
+    client_target_epsilon : float or None
+        Client-level (DP-FedAvg) budget, > 0, with the semantics of ``target_epsilon``:
+        calibrates ``client_noise_multiplier`` for the planned rounds at client sampling
+        rate ``q = clients per round / hospitals`` (with ``calibrate_noise``), or caps it.
+        ``None``: the client-level epsilon is only reported.
     """
 
     mode: str = "off"
@@ -122,6 +130,7 @@ class PrivacySpec:
     calibrate_noise: bool = True
     dp_layers: str = "all"
     pretrain_epochs: int = 0
+    client_target_epsilon: float | None = None
 
     @property
     def sample_level(self) -> bool:
@@ -166,6 +175,7 @@ class FedscanConfig:
     train: TrainSpec
     privacy: PrivacySpec = PrivacySpec()
     checkpoint: CheckpointSpec = CheckpointSpec()
+    faults: FaultSpec = FaultSpec()
     output_dir: str = "outputs"
     cache_dir: str = ".cache/fedscan"
 
@@ -177,20 +187,34 @@ class FedscanConfig:
         """Plain, JSON-serialisable form (for ``config.json``)."""
         return asdict(self)
 
-    def config_hash(self) -> str:
-        """SHA-256 of everything that shapes the run's numbers.
+    def binding(self, num_hospitals: int) -> dict[str, Any]:
+        """Everything that shapes the run's numbers, as a flat ``{run-config key: value}``.
 
-        Paths, the keyring, ``resume_from`` and ``stop_after`` are left out: a run resumed
-        from another folder, or stopped early on purpose, is still the same run.
+        The run config (every key but paths and the ``checkpoint.*`` settings, which change
+        no number), the number of hospitals (``num-supernodes``: with quantity skew every
+        cohort depends on it) and the data generator's format version. A checkpoint carries
+        it; a resume whose binding differs is refused, naming the key and both values.
         """
+        from sims.hospitals import FORMAT_VERSION
+
+        record = self.to_dict()
+        flat: dict[str, Any] = {}
+        for key, (section, field, _) in KEYS.items():
+            if section in ("paths", "checkpoint"):
+                continue
+            value = record[section][field]
+            flat[key] = list(value) if isinstance(value, tuple) else value
+        flat["num-supernodes"] = num_hospitals
+        flat["data-format-version"] = FORMAT_VERSION
+        return flat
+
+    def config_hash(self, num_hospitals: int) -> str:
+        """SHA-256 of :meth:`binding`: the same run, whatever its folder, keyring or stop."""
         import hashlib
         import json
 
-        record = self.to_dict()
-        for key in ("output_dir", "cache_dir"):
-            record.pop(key)
-        record["checkpoint"] = {"every": self.checkpoint.every, "keep": self.checkpoint.keep}
-        return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
+        blob = json.dumps(self.binding(num_hospitals), sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()
 
 
 def round_lr(train: TrainSpec, server_round: int) -> float:
@@ -324,6 +348,7 @@ KEYS: dict[str, tuple[str, str, _Parser]] = {
     "privacy.noise-multiplier": ("privacy", "noise_multiplier", _float_in(0.0, 1e4)),
     "privacy.max-grad-norm": ("privacy", "max_grad_norm", _float_in(0.0, 1e6, lo_open=True)),
     "privacy.client-noise-multiplier": ("privacy", "client_noise_multiplier", _float_in(0.0, 1e4)),
+    "privacy.client-target-epsilon": ("privacy", "client_target_epsilon", _epsilon_target),
     "privacy.client-clipping-norm": ("privacy", "client_clipping_norm", _float_in(0.0, 1e6, lo_open=True)),
     "privacy.clients-per-round": ("privacy", "clients_per_round", _int_in(0, 10**6)),
     "privacy.calibrate-noise": ("privacy", "calibrate_noise", _bool),
@@ -334,6 +359,12 @@ KEYS: dict[str, tuple[str, str, _Parser]] = {
     "checkpoint.keyring": ("checkpoint", "keyring", _optional_path),
     "checkpoint.resume-from": ("checkpoint", "resume_from", _optional_path),
     "checkpoint.stop-after": ("checkpoint", "stop_after", _int_in(0, 10**6)),
+    "faults.crash-rate": ("faults", "crash_rate", _float_in(0.0, 1.0)),
+    "faults.straggle-rate": ("faults", "straggle_rate", _float_in(0.0, 1.0)),
+    "faults.corrupt-rate": ("faults", "corrupt_rate", _float_in(0.0, 1.0)),
+    "faults.corrupt-kind": ("faults", "corrupt_kind", _choice(CORRUPT_KINDS)),
+    "faults.round-timeout": ("faults", "round_timeout", _float_in(0.0, 86_400.0, lo_open=True)),
+    "faults.min-available": ("faults", "min_available", _int_in(1, 10**6)),
     "output-dir": ("paths", "output_dir", _path),
     "cache-dir": ("paths", "cache_dir", _path),
 }
@@ -372,7 +403,9 @@ def config_from_run_config(run_config: Mapping[str, Any]) -> FedscanConfig:
         the key, the value and what is allowed).
     """
     check_known_keys(list(run_config))
-    sections: dict[str, dict[str, Any]] = {"world": {}, "train": {}, "privacy": {}, "checkpoint": {}, "paths": {}}
+    sections: dict[str, dict[str, Any]] = {
+        "world": {}, "train": {}, "privacy": {}, "checkpoint": {}, "faults": {}, "paths": {}
+    }
     for key, value in run_config.items():
         section, field, parse = KEYS[key]
         sections[section][field] = parse(key, value)
@@ -387,7 +420,16 @@ def config_from_run_config(run_config: Mapping[str, Any]) -> FedscanConfig:
     _check_privacy(privacy, world)
     train, privacy = _agree_on_clients_per_round(train, privacy)
     checkpoint = CheckpointSpec(**sections["checkpoint"])
-    return FedscanConfig(world=world, train=train, privacy=privacy, checkpoint=checkpoint, **sections["paths"])
+    faults = FaultSpec(**sections["faults"])
+    rates = faults.crash_rate + faults.straggle_rate + faults.corrupt_rate
+    if rates > 1.0 + 1e-12:
+        raise ConfigError(
+            "The 'faults.crash-rate', 'faults.straggle-rate' and 'faults.corrupt-rate' parameters must sum "
+            f"to at most 1 (each is a share of the hospitals in a round). Got {rates:g} instead."
+        )
+    return FedscanConfig(
+        world=world, train=train, privacy=privacy, checkpoint=checkpoint, faults=faults, **sections["paths"]
+    )
 
 
 def _agree_on_clients_per_round(train: TrainSpec, privacy: PrivacySpec) -> tuple[TrainSpec, PrivacySpec]:
@@ -442,7 +484,8 @@ def privacy_warnings(config: FedscanConfig) -> list[str]:
     notes = []
     if p.sample_level and not (p.target_epsilon and p.calibrate_noise) and p.noise_multiplier == 0:
         notes.append("privacy.noise-multiplier = 0 with sample-level DP on gives no privacy (epsilon = inf).")
-    if p.client_level and p.client_noise_multiplier == 0:
+    calibrated_client = p.client_target_epsilon is not None and p.calibrate_noise
+    if p.client_level and not calibrated_client and p.client_noise_multiplier == 0:
         notes.append("privacy.client-noise-multiplier = 0 with client-level DP on gives no privacy (epsilon = inf).")
     return notes
 

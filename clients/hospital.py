@@ -77,18 +77,22 @@ class Hospital:
         Sample rate ``q = batch_size / n_train``; ``local_epochs * round(1/q)`` steps per
         round; the noise multiplier is calibrated (with a target and ``calibrate_noise``)
         so that *every* planned round together meets the target: planning for all rounds
-        is the conservative choice when hospitals are sampled.
+        is the conservative choice when hospitals are sampled. The same function as the
+        server's pre-flight check (:func:`privacy.plan.plan_sample_level`).
         """
-        from privacy.dpsgd import sample_rate, steps_per_epoch  # Opacus loads lazily: 0.7 s
+        from privacy.plan import plan_sample_level  # Opacus loads lazily: 0.7 s
 
-        n = len(self.data("train")[0])
         t, p = self.config.train, self.config.privacy
-        q = sample_rate(n, t.batch_size)
-        steps = t.local_epochs * steps_per_epoch(n, t.batch_size)
-        sigma = p.noise_multiplier
-        if p.target_epsilon is not None and p.calibrate_noise:
-            sigma = _calibrated(p.target_epsilon, p.delta, q, steps * t.num_server_rounds)
-        return DPEvent(round=0, noise_multiplier=sigma, sample_rate=q, steps=steps)
+        return plan_sample_level(
+            n_train=len(self.data("train")[0]),
+            batch_size=t.batch_size,
+            local_epochs=t.local_epochs,
+            num_rounds=t.num_server_rounds,
+            target_epsilon=p.target_epsilon,
+            delta=p.delta,
+            noise_multiplier=p.noise_multiplier,
+            calibrate=p.calibrate_noise,
+        )
 
     def projected_epsilon(self, ledger: PrivacyLedger, server_round: int) -> float:
         """Epsilon (RDP) this hospital would have after taking ``server_round`` as planned."""
@@ -143,9 +147,3 @@ class Hospital:
         images, labels = self.data(split)
         return evaluate_segmentation(model, images, labels, class_names(self.config.world.lesions)), len(images)
 
-
-@lru_cache(maxsize=64)
-def _calibrated(target: float, delta: float, q: float, steps: int) -> float:
-    from privacy.accounting import calibrate_noise_multiplier
-
-    return calibrate_noise_multiplier(target_epsilon=target, delta=delta, sample_rate=q, steps=steps)

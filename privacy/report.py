@@ -413,6 +413,7 @@ class _Settings:
     mode: str | None = None
     delta: float | None = None
     target_epsilon: float | None = None
+    client_target_epsilon: float | None = None
     pretrain: int = 0
     pretrain_unit: str = "round"
     num_hospitals: int | None = None
@@ -447,6 +448,9 @@ def _load_settings(run: Path) -> _Settings:
         mode=mode,
         delta=_json_number(path, "config.privacy.delta", privacy.get("delta")),
         target_epsilon=_json_number(path, "config.privacy.target_epsilon", privacy.get("target_epsilon")),
+        client_target_epsilon=_json_number(
+            path, "config.privacy.client_target_epsilon", privacy.get("client_target_epsilon")
+        ),
         pretrain=pretrain or 0,
         pretrain_unit=unit,
         num_hospitals=_json_count(path, "num_hospitals", record.get("num_hospitals")),
@@ -696,18 +700,26 @@ def _epsilon_figure(hospitals: pd.DataFrame, summary: pd.DataFrame, target: floa
     return _png(figure)
 
 
-def _client_figure(client: pd.DataFrame) -> bytes:
+def _client_figure(client: pd.DataFrame, target: float | None) -> bytes:
     figure = Figure(figsize=(8.0, 3.6), layout="constrained")
     ax = figure.subplots()
     rounds = client["round"].to_numpy()
     ax.plot(rounds, _finite(client["epsilon_rdp"]), color="C3", linestyle="-", label="RDP", **_DOTS)
     if client["epsilon_prv"].notna().any():
         ax.plot(rounds, _finite(client["epsilon_prv"]), color="C3", linestyle="--", label="PRV", **_DOTS)
+    stopped = client[client["budget_exhausted"].astype(bool)]
+    if not stopped.empty:
+        ax.plot(
+            stopped["round"], _finite(stopped["epsilon_rdp"]), color="C3", linestyle="none",
+            label="stopped before this round", **_RAN_OUT,
+        )
+    if target is not None:
+        ax.axhline(target, label=f"client-level target ε = {target:g}", **_TARGET)
     ax.set_xlabel("round")
     ax.set_ylabel("cumulative ε (per hospital)")
     ax.set_title("Client-level ε (DP-FedAvg), not added to the per-patient ε")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    _headroom(ax, [client["epsilon_rdp"], client["epsilon_prv"]], None)
+    _headroom(ax, [client["epsilon_rdp"], client["epsilon_prv"]], target)
     ax.grid(True, alpha=0.3)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     return _png(figure)
@@ -801,6 +813,10 @@ def _report_blocks(
     else:
         mode = "not recorded (privacy rows present)" if recorded else f"off (no settings, no {PRIVACY_CSV})"
     sample_level_off = hospitals.empty or settings.mode in ("off", "client")
+    client_target = []
+    if settings.mode in ("client", "both"):
+        value = settings.client_target_epsilon
+        client_target.append(f"**client-level target ε**: {'none' if value is None else _fmt_number(value, 'g')}")
 
     blocks: list[_Block] = [_Heading(1, f"Privacy budget report: {run.name}")]
     blocks.append(
@@ -809,6 +825,7 @@ def _report_blocks(
                 f"**privacy mode**: {mode}",
                 f"**δ**: {_fmt_number(delta, 'g')}",
                 f"**target ε**: {'none' if target is None else _fmt_number(target, 'g').replace('inf', '∞')}",
+                *client_target,
                 f"**hospitals**: {_fmt_optional(settings.num_hospitals)}",
                 f"**seed**: {_fmt_optional(settings.seed)}",
                 f"**public pre-training**: {_plural(settings.pretrain, settings.pretrain_unit)}",
@@ -850,7 +867,7 @@ def _report_blocks(
         )
 
     blocks += _sample_level_blocks(hospitals, summary, target, sample_level_off, settings.mode)
-    blocks += _client_level_blocks(client, settings.mode)
+    blocks += _client_level_blocks(client, settings.mode, settings.client_target_epsilon)
     blocks += _dice_blocks(metrics, summary, _worst_case_by_round(hospitals), target)
     return blocks
 
@@ -944,7 +961,7 @@ def _sample_level_blocks(
     return blocks
 
 
-def _client_level_blocks(client: pd.DataFrame, mode: str | None) -> list[_Block]:
+def _client_level_blocks(client: pd.DataFrame, mode: str | None, target: float | None) -> list[_Block]:
     if client.empty:
         if mode in ("client", "both"):
             return [
@@ -955,6 +972,7 @@ def _client_level_blocks(client: pd.DataFrame, mode: str | None) -> list[_Block]
             ]
         return []
     last = client.iloc[-1]
+    released = client[client["participated"].astype(bool)]
     blocks: list[_Block] = [
         _Heading(2, "Client-level privacy budget (DP-FedAvg)"),
         _Paragraph(
@@ -963,26 +981,54 @@ def _client_level_blocks(client: pd.DataFrame, mode: str | None) -> list[_Block]
             "(per-patient) figures above, and **the two are not added**: they protect different units."
         ),
         _Table(
-            ("accountant", "rounds", "client sampling rate", "noise multiplier", "ε (RDP)", "ε (PRV)", "δ"),
+            (
+                "accountant",
+                "rounds",
+                "client sampling rate",
+                "noise multiplier",
+                "ε (RDP)",
+                "ε (PRV)",
+                "δ",
+                "target ε",
+            ),
             (
                 (
                     CLIENT_LEVEL,
-                    str(len(client)),
+                    str(len(released)),
                     _fmt_number(float(last["sample_rate"])),
                     _fmt_number(float(last["noise_multiplier"])),
                     _fmt_eps(float(last["epsilon_rdp"])),
                     _fmt_eps(float(last["epsilon_prv"])),
                     _fmt_number(float(last["delta"]), "g"),
+                    "none" if target is None else _fmt_number(target, "g"),
                 ),
             ),
         ),
-        _Figure(
-            CLIENT_EPSILON_PNG,
-            _client_figure(client),
-            "client-level ε against rounds",
-            "Cumulative client-level ε against rounds (RDP solid, PRV dashed where computed).",
-        ),
     ]
+    notes: list[str] = []
+    stopped = client.loc[client["budget_exhausted"].astype(bool), "round"]
+    if len(stopped):
+        notes.append(
+            f"The client-level budget stopped the federation before round {int(stopped.min())}: one more "
+            "round of DP-FedAvg would have taken the client-level ε above the target"
+            + ("." if target is None else f" {target:g}.")
+        )
+    elif target is not None:
+        notes.append(f"The client-level budget (target ε = {target:g}) did not stop the federation.")
+    if target is not None:
+        for column, name in (("epsilon_rdp", "RDP"), ("epsilon_prv", "PRV")):
+            value = float(last[column])
+            if not math.isnan(value) and value > target * (1 + 1e-9):
+                notes.append(
+                    f"Final client-level ε ({name}) {_fmt_eps(value)} exceeds the target {target:g}."
+                )
+    if notes:
+        blocks.append(_Bullets(tuple(notes)))
+    caption = "Cumulative client-level ε against rounds (RDP solid, PRV dashed where computed)"
+    caption += "; dotted line: the client-level target ε" if _drawable(target) is not None else ""
+    caption += "; ✕ marks the round the budget stopped the federation." if len(stopped) else "."
+    png = _client_figure(client, _drawable(target))
+    blocks.append(_Figure(CLIENT_EPSILON_PNG, png, "client-level ε against rounds", caption))
     return blocks
 
 

@@ -295,8 +295,8 @@ def _read_csv_as_text(path: Path, columns: Sequence[str]) -> pd.DataFrame:
     try:
         raw = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
     except pd.errors.EmptyDataError:
-        header = ",".join(columns)
-        raise ReportError(f"{path} is empty; it must start with the header line {header}.") from None
+        expected = ",".join(columns)
+        raise ReportError(f"{path} is empty; it must start with the header line {expected}.") from None
     except (pd.errors.ParserError, UnicodeDecodeError) as err:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ReportError(f"{path} is not a readable CSV file ({reason}).") from None
@@ -432,9 +432,9 @@ def _load_settings(run: Path) -> _Settings:
     if not isinstance(record, dict):
         kind = type(record).__name__
         raise ReportError(f"{path} must hold a JSON object at the top level. Got {kind} instead.")
-    config = record.get("config") if isinstance(record.get("config"), dict) else {}
-    privacy = config.get("privacy") if isinstance(config.get("privacy"), dict) else {}
-    world = config.get("world") if isinstance(config.get("world"), dict) else {}
+    config: dict[str, Any] = record["config"] if isinstance(record.get("config"), dict) else {}
+    privacy: dict[str, Any] = config["privacy"] if isinstance(config.get("privacy"), dict) else {}
+    world: dict[str, Any] = config["world"] if isinstance(config.get("world"), dict) else {}
 
     mode = privacy.get("mode")
     if mode is not None and mode not in MODES:

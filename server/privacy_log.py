@@ -111,7 +111,7 @@ class PrivacyLog:
         return clients_per_round(self.spec.clients_per_round, self.num_hospitals)
 
     def add_round(self, server_round: int, rows: list[PrivacyRow]) -> None:
-        out = [
+        out: list[list[object]] = [
             [
                 server_round,
                 r["site"],

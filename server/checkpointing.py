@@ -226,12 +226,13 @@ class ServerCheckpointer:
         last = self.config.train.num_server_rounds
         return every > 0 and (server_round % every == 0 or server_round == last)
 
-    def kept_after(self, server_round: int) -> list[int]:
-        """Rounds whose server checkpoints exist once ``server_round``'s is written and pruned."""
-        rounds = {int(p.stem.split("-")[-1]) for p in self.folder.glob("round-*.ckpt")}
-        if self.due(server_round):
-            rounds.add(server_round)
-        return sorted(rounds)[-self.config.checkpoint.keep :]
+    def kept_rounds(self) -> list[int]:
+        """Rounds whose server checkpoints are on disk now.
+
+        Hospitals keep the state each of them needs. Not the checkpoint this round will
+        write: the run may die before it does (the hospitals' newest state covers it).
+        """
+        return sorted(int(p.stem.split("-")[-1]) for p in self.folder.glob("round-*.ckpt"))
 
     def save(
         self,

@@ -115,7 +115,7 @@ def main(grid: Grid, context: Context) -> None:
     }
 
     def round_config(server_round: int) -> dict[str, str | int | float]:
-        kept = checkpointer.kept_after(server_round) if checkpointer is not None else []
+        kept = checkpointer.kept_rounds() if checkpointer is not None else []
         return {**base_config, "kept-rounds": ",".join(map(str, kept))}
 
     def after_round(server_round: int, current: ArrayRecord) -> None:

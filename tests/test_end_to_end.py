@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -40,7 +41,11 @@ def test_two_hospitals_two_rounds_write_complete_finite_outputs(tmp_path: Path) 
     before = _flower_processes()
     out_dir = tmp_path / "outputs"
 
-    proc = _fedscan("--hospitals", "2", "-c", f"{TINY} output-dir='{out_dir}' cache-dir='{tmp_path / 'cache'}'")
+    # FedProx and public pre-training, end to end (FedAdam runs in the resume test below).
+    proc = _fedscan(
+        "--hospitals", "2", "-c", f"{TINY} output-dir='{out_dir}' cache-dir='{tmp_path / 'cache'}'",
+        "-c", "strategy='fedprox' proximal-mu=0.1 privacy.pretrain-epochs=1",
+    )
 
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     run_dir = (out_dir / "latest").resolve()
@@ -61,8 +66,11 @@ def test_two_hospitals_two_rounds_write_complete_finite_outputs(tmp_path: Path) 
             rows = metrics[(metrics["site"] == site) & (metrics["round"] == rnd)]
             assert expected <= set(rows[rows["split"] == "test"]["metric"])
             assert "train_loss" in set(rows[rows["split"] == "train"]["metric"])
-    holdout = metrics[(metrics["site"] == "global") & (metrics["split"] == "holdout")]
-    assert sorted(holdout["round"].unique()) == [0, 1, 2]
+    public = metrics[(metrics["site"] == "global") & (metrics["split"] == "public")]
+    assert sorted(public["round"].unique()) == [0, 1, 2]
+    assert "pre-trained 1 epochs on public data" in proc.stdout
+    assert config["config"]["train"]["strategy"] == "fedprox"
+    assert pd.read_csv(run_dir / "failures.csv").empty  # a reliable federation: nothing rejected
     assert (metrics["value"][metrics["metric"].str.startswith("dice")].between(0, 1)).all()
     assert "Final round (2)" in (run_dir / "summary.md").read_text()
 
@@ -158,46 +166,133 @@ def test_budget_guard_stops_a_hospital_at_its_target_and_privacy_report_is_writt
     assert "data:image/png;base64," in (run_dir / "privacy_report.html").read_text()
 
 
+
+# One federation that exercises everything a resume must restore: FedAdam's moments,
+# client-level DP (and its RNG), sample-level DP ledgers, hospitals sampled per round, and
+# hospitals that crash or send corrupt updates; checkpoints every 2 rounds, only 1 kept.
+FAULTY = (
+    "num-server-rounds=5 image-size=32 unet-channels='8,16' patients-per-hospital=40 holdout-per-hospital=4 "
+    "server-eval-patients=8 strategy='fedadam' privacy.mode='both' privacy.target-epsilon=3 privacy.delta=1e-3 "
+    "privacy.client-noise-multiplier=1.0 clients-per-round=2 faults.crash-rate=0.2 faults.corrupt-rate=0.2 "
+    "faults.round-timeout=60 checkpoint.every=2 checkpoint.keep=1"
+)
+
+
+def _start(*args: str) -> subprocess.Popen[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
+    return subprocess.Popen(
+        [FEDSCAN, "run", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+
+
+def _finish(proc: subprocess.Popen[str], timeout: float = 400) -> str:
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, out[-4000:]
+    return out
+
+
+def _kill_mid_round(proc: subprocess.Popen[str], marker: str) -> str:
+    """SIGKILL the whole run (every process under it, SuperLink group included) once ``marker`` shows."""
+    assert proc.stdout is not None
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if marker in line:
+            break
+    tree = [proc.pid] + [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
+    groups = set()
+    for pid in tree:
+        try:
+            groups.add(os.getpgid(pid))
+        except ProcessLookupError:
+            pass
+    for pid in tree:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    for group in groups - {os.getpgid(0)}:
+        try:
+            os.killpg(group, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait(timeout=30)
+    return "".join(seen)
+
+
+def _tables(run_dir: Path) -> dict[str, pd.DataFrame]:
+    return {name: pd.read_csv(run_dir / f"{name}.csv", dtype={"site": str}) for name in ("metrics", "privacy", "failures")}
+
+
+def _assert_same(resumed: Path, whole: Path) -> None:
+    a, b = _tables(resumed), _tables(whole)
+    m = a["metrics"].merge(b["metrics"], on=["round", "site", "split", "metric"], suffixes=("_r", "_w"))
+    assert len(m) == len(a["metrics"]) == len(b["metrics"])
+    assert (m["value_r"] - m["value_w"]).abs().max() <= 1e-6
+    pd.testing.assert_frame_equal(a["privacy"], b["privacy"], rtol=1e-6)  # every epsilon included
+    pd.testing.assert_frame_equal(a["failures"], b["failures"])
+
+
 @pytest.mark.e2e
-def test_stopped_and_resumed_dp_run_equals_the_uninterrupted_run(tmp_path: Path) -> None:
-    private = "privacy.mode='sample' privacy.target-epsilon=3 privacy.delta=1e-3 patients-per-hospital=40"
-    common = ["--hospitals", "2", "-c", TINY, "-c", f"num-server-rounds=3 {private} cache-dir='{tmp_path / 'c'}'"]
+def test_faulty_sampled_run_is_reproducible_and_resumes_exactly_after_a_kill_and_a_chain(tmp_path: Path) -> None:
+    before = _flower_processes()
+    common = ["--hospitals", "3", "-c", FAULTY, "-c", f"cache-dir='{tmp_path / 'cache'}' seed=2"]
+    out = {name: tmp_path / name for name in ("a", "a2", "d", "k", "b2", "b3")}
 
-    stopped = _fedscan(*common, "-c", f"output-dir='{tmp_path / 'a'}' checkpoint.stop-after=2")
-    first = (tmp_path / "a" / "latest").resolve()
-    resumed = _fedscan(*common, "-c", f"output-dir='{tmp_path / 'b'}' checkpoint.resume-from='{first}'")
-    whole = _fedscan(*common, "-c", f"output-dir='{tmp_path / 'c2'}'")
+    # Two runs with the same seed and one with another, side by side.
+    runs = {name: _start(*common, "-c", f"output-dir='{out[name]}'") for name in ("a", "a2")}
+    runs["d"] = _start(*common, "-c", f"output-dir='{out['d']}' seed=3 checkpoint.stop-after=1")
+    logs = {name: _finish(proc) for name, proc in runs.items()}
+    # Killed mid-round 4 (its last checkpoint: round 2), then resumed twice: 2 -> 4 -> end.
+    killed = _kill_mid_round(_start(*common, "-c", f"output-dir='{out['k']}'"), "[ROUND 4/5]")
+    k = (out["k"] / "latest").resolve()
+    b2 = _finish(_start(*common, "-c", f"output-dir='{out['b2']}' checkpoint.resume-from='{k}' checkpoint.stop-after=4"))
+    b2_dir = (out["b2"] / "latest").resolve()
+    # A setting that changes no number (checkpoint.keep) does not block a resume.
+    _finish(_start(*common, "-c", f"output-dir='{out['b3']}' checkpoint.resume-from='{b2_dir}' checkpoint.keep=3"))
 
-    for proc in (stopped, resumed, whole):
-        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert sorted(p.name for p in (first / "checkpoints").iterdir()) == ["round-0001.ckpt", "round-0002.ckpt"]
-    assert (first / "keys" / "encryption.key").stat().st_mode & 0o077 == 0
-    b, c = (tmp_path / "b" / "latest").resolve(), (tmp_path / "c2" / "latest").resolve()
-    m_b, m_c = pd.read_csv(b / "metrics.csv", dtype={"site": str}), pd.read_csv(c / "metrics.csv", dtype={"site": str})
-    merged = m_b.merge(m_c, on=["round", "site", "split", "metric"], suffixes=("_resumed", "_whole"))
-    assert len(merged) == len(m_c) == len(m_b)
-    assert (merged["value_resumed"] - merged["value_whole"]).abs().max() <= 1e-6
-    p_b, p_c = pd.read_csv(b / "privacy.csv"), pd.read_csv(c / "privacy.csv")
-    pd.testing.assert_frame_equal(p_b, p_c, rtol=1e-9)  # every hospital's epsilon included
+    a, a2, d = ((out[n] / "latest").resolve() for n in ("a", "a2", "d"))
+    for name in ("metrics.csv", "privacy.csv", "failures.csv"):
+        assert (a / name).read_bytes() == (a2 / name).read_bytes(), name  # same seed: same bytes
+    failures = pd.read_csv(a / "failures.csv")
+    assert {"crash", "corrupt"} <= set(failures["kind"])  # the faults happened and were rejected
+    assert "update rejected" in logs["a"] and "crashed after training" in logs["a"]
+    trained = pd.read_csv(a / "metrics.csv", dtype={"site": str}).query("metric == 'steps' and site != 'global'")
+    assert trained.groupby("round").size().max() <= 2  # 2 of 3 hospitals sampled per round
+    privacy = pd.read_csv(a / "privacy.csv", dtype={"site": str})
+    crashed = failures[failures["kind"] == "crash"].iloc[0]
+    spent = privacy[(privacy["round"] == crashed["round"]) & (privacy["site"] == str(crashed["site"]))]
+    assert spent["participated"].tolist() == [1] and spent["steps"].iloc[0] > 0  # its DP-SGD budget is spent
+    rounds_1 = {n: pd.read_csv(p / "metrics.csv").query("round == 1")["value"].to_numpy() for n, p in (("a", a), ("d", d))}
+    assert len(rounds_1["a"]) != len(rounds_1["d"]) or (rounds_1["a"] != rounds_1["d"]).any()  # another seed differs
 
-    # Bad resumes stop before anything runs: tampered file, other config, wrong keys.
-    ckpt = first / "checkpoints" / "round-0002.ckpt"
-    original = ckpt.read_bytes()
-    tampered = tmp_path / "t" / "checkpoints" / "round-0002.ckpt"
-    tampered.parent.mkdir(parents=True)
-    data = bytearray(ckpt.read_bytes())
-    data[100] ^= 0x01
-    tampered.write_bytes(bytes(data))
-    (tmp_path / "t" / "keys").symlink_to(first / "keys")
+    assert "[ROUND 4/5]" in killed and "Strategy execution finished" not in killed
+    assert sorted(p.name for p in (k / "checkpoints").iterdir()) == ["round-0002.ckpt"]
+    assert "resuming after round 2" in b2
+    _assert_same((out["b3"] / "latest").resolve(), a)
+
+    # Refused before anything starts, one sentence each: another federation size, another
+    # config, a tampered file, wrong keys, a configured keyring without hospital keys.
     other_keys = tmp_path / "other"
     subprocess.run([FEDSCAN, "keygen", str(other_keys)], check=True, capture_output=True)
-    bad = [
-        ("-c", f"checkpoint.resume-from='{tampered}'"),
-        ("-c", f"checkpoint.resume-from='{first}' lr=0.01"),
-        ("-c", f"checkpoint.resume-from='{first}' checkpoint.keyring='{other_keys}'"),
-    ]
-    for extra in bad:
+    ckpt = b2_dir / "checkpoints" / "round-0004.ckpt"
+    original = ckpt.read_bytes()
+    tampered = tmp_path / "t" / "checkpoints" / "round-0004.ckpt"
+    tampered.parent.mkdir(parents=True)
+    tampered.write_bytes(original[:100] + bytes([original[100] ^ 1]) + original[101:])
+    (tmp_path / "t" / "keys").symlink_to(b2_dir / "keys")
+    resume = f"checkpoint.resume-from='{b2_dir}'"
+    bad = {
+        ("--hospitals", "4", "-c", resume): "it was written with num-supernodes = 3, and this run has num-supernodes = 4",
+        ("-c", f"{resume} lr=0.01"): "it was written with lr = 0.003, and this run has lr = 0.01",
+        ("-c", f"checkpoint.resume-from='{tampered}'"): "Cannot resume from",
+        ("-c", f"{resume} checkpoint.keyring='{other_keys}'"): "Cannot resume from",
+        ("-c", f"checkpoint.keyring='{other_keys}'"): f"fedscan keygen {other_keys} --hospitals 3",
+    }
+    for extra, message in bad.items():
         proc = _fedscan(*common, *extra, timeout=120)
-        assert proc.returncode == 2, proc.stderr
-        assert proc.stderr.startswith("fedscan: error: Cannot resume from") and len(proc.stderr.strip().splitlines()) == 1
+        assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr
+        assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert ckpt.read_bytes() == original  # nothing overwritten
+    assert not any(other_keys.glob("hospital-*"))  # nothing written into a configured keyring
+    assert _flower_processes() <= before

@@ -25,15 +25,27 @@ def _rounds(run: Path, site: int = 1) -> list[int]:
 def test_every_kept_server_checkpoint_keeps_the_hospital_state_it_needs(tmp_path: Path) -> None:
     # checkpoint.every=2, keep=1: the server keeps only its newest even round. The defect:
     # hospitals pruned to their own newest files and the kept round's state was gone.
+    # The hospitals hear of the server checkpoints on disk when a round starts (round r's own
+    # checkpoint is written after its hospitals saved their state).
     run, keys = tmp_path / "run", tmp_path / "run" / "keys"
-    kept_by_round = {1: [], 2: [2], 3: [2], 4: [4], 5: [4]}
+    on_disk_at_start = {1: [], 2: [], 3: [2], 4: [2], 5: [4]}
 
-    for rnd, kept in kept_by_round.items():
+    for rnd, kept in on_disk_at_start.items():
         _save(run, keys, rnd, kept)
 
     assert _rounds(run) == [4, 5]
     assert load_state(run, keys, 1, 4, "hash") == {"round": 4, "first-saved": 1}
     assert load_state(run, keys, 1, 5, "hash") == {"round": 5, "first-saved": 1}
+
+
+def test_a_run_killed_before_its_checkpoint_keeps_the_state_of_the_last_one(tmp_path: Path) -> None:
+    # Killed in round 4 after the hospital saved it but before the server wrote round-0004:
+    # the resume reads round 2, whose state must still be there.
+    run, keys = tmp_path / "run", tmp_path / "keys"
+    for rnd, kept in {1: [], 2: [], 3: [2], 4: [2]}.items():
+        _save(run, keys, rnd, kept)
+
+    assert load_state(run, keys, 1, 2, "hash") == {"round": 2, "first-saved": 1}
 
 
 def test_a_hospital_that_sat_rounds_out_resumes_from_its_newest_older_state(tmp_path: Path) -> None:

@@ -175,9 +175,13 @@ def make_strategy(
     cls = (_SAMPLED if sampling.evaluate_trained else _FLOWER)[train.strategy]
     strategy: Strategy = cls(**common, **extra)
     if privacy.client_level:
+        from server.privacy_plan import client_noise_multiplier  # Opacus, only when needed
+
+        # The calibrated noise when a client-level target is set: the one PrivacyLog accounts.
+        sigma = client_noise_multiplier(privacy, num_hospitals, sampling.per_round, train.num_server_rounds)
         strategy = DifferentialPrivacyServerSideFixedClipping(
             strategy,
-            noise_multiplier=privacy.client_noise_multiplier,
+            noise_multiplier=sigma,
             clipping_norm=privacy.client_clipping_norm,
             num_sampled_clients=sampling.per_round,
         )

@@ -113,11 +113,6 @@ def test_the_client_target_key_is_validated(bad: object) -> None:
         config_from_run_config({"privacy.client-target-epsilon": bad})
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="server/strategies.py::make_strategy must pass noise_multiplier=client_noise_multiplier(privacy, "
-    "num_hospitals, sampling.per_round, train.num_server_rounds) (lead's file); remove this mark then",
-)
 def test_the_strategy_adds_the_noise_the_log_accounts(tmp_path: Path) -> None:
     config = config_from_run_config({**ISSUE, "privacy.client-target-epsilon": 5.0})
 

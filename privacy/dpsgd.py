@@ -83,6 +83,9 @@ def train_dp_round(
     """
     n = len(images)
     expected = max(1, round(sample_rate * n))
+    # What Opacus adds to modules and parameters, and does not take away on close.
+    modules_before = {m: (set(vars(m)), m._is_full_backward_hook) for m in model.modules()}
+    params_before = {p: set(vars(p)) for p in model.parameters()}
     gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean", strict=True)
     optimizer = DPOptimizer(
         torch.optim.Adam(model.parameters(), lr=lr),
@@ -120,6 +123,15 @@ def train_dp_round(
             optimizer.step()
     finally:
         gsm._close()  # remove the hooks: the caller gets its plain module back
+        # ... and the per-sample state Opacus leaves (summed_grad, activations, the full
+        # backward hook flag that makes a later register_backward_hook raise).
+        for module, (names, full_hook) in modules_before.items():
+            for name in set(vars(module)) - names:
+                delattr(module, name)
+            module._is_full_backward_hook = full_hook
+        for param, names in params_before.items():
+            for name in set(vars(param)) - names:
+                delattr(param, name)
     return DPRoundResult(
         loss=total / max(losses, 1), steps=steps, sample_rate=sample_rate, noise_multiplier=noise_multiplier
     )

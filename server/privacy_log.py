@@ -111,6 +111,8 @@ class PrivacyLog:
         return clients_per_round(self.spec.clients_per_round, self.num_hospitals)
 
     def add_round(self, server_round: int, rows: list[PrivacyRow]) -> None:
+        if self.spec.mode == "off":  # nothing is accounted; the report says privacy was off
+            return
         out: list[list[object]] = [
             [
                 server_round,

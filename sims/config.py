@@ -294,14 +294,14 @@ def _choice(options: tuple[str, ...]) -> Callable[[str, Any], str]:
 
 
 def _path(key: str, value: Any) -> str:
-    if not isinstance(value, str) or not value.strip():
-        raise ConfigError(f"The '{key}' parameter must be a non-empty path. Got {value!r} instead.")
+    if not isinstance(value, str) or not value.strip() or "\x00" in value:
+        raise ConfigError(f"The '{key}' parameter must be a non-empty path (no NUL byte). Got {value!r} instead.")
     return value
 
 
 def _optional_path(key: str, value: Any) -> str:
-    if not isinstance(value, str):
-        raise ConfigError(f"The '{key}' parameter must be a path or \"\". Got {value!r} instead.")
+    if not isinstance(value, str) or "\x00" in value:
+        raise ConfigError(f"The '{key}' parameter must be a path (no NUL byte) or \"\". Got {value!r} instead.")
     return value
 
 
@@ -386,7 +386,7 @@ def check_known_keys(keys: list[str] | tuple[str, ...]) -> None:
     for key in keys:
         if key not in KEYS:
             raise ConfigError(
-                f"Unknown run-config key '{key}'.{_nearest(key, list(KEYS))} "
+                f"Unknown run-config key {key!r}.{_nearest(key, list(KEYS))} "
                 "Valid keys are declared in pyproject.toml under [tool.flwr.app.config]."
             )
 

@@ -150,11 +150,6 @@ def test_sampling_plan() -> None:
     assert sample_rate(5, 8) == 1.0 and steps_per_epoch(5, 8) == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Opacus' remove_hooks() leaves module._is_full_backward_hook = True on the layers it hooked, so "
-    "a later register_backward_hook() raises; privacy/dpsgd.py should reset it after gsm._close()",
-)
 def test_after_a_dp_round_the_model_accepts_any_backward_hook_like_a_fresh_one() -> None:
     # Prepare
     x, y = _batch()
@@ -175,11 +170,6 @@ def test_after_a_dp_round_the_model_accepts_any_backward_hook_like_a_fresh_one()
     assert calls and all(getattr(m, "_is_full_backward_hook", None) is not True for m in model.modules())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="DPOptimizer leaves summed_grad on every parameter and Opacus leaves `activations` on every "
-    "hooked layer; privacy/dpsgd.py should drop them after gsm._close()",
-)
 def test_a_dp_round_leaves_no_per_sample_state_behind() -> None:
     # Prepare
     x, y = _batch()

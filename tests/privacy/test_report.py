@@ -254,12 +254,7 @@ def test_infinite_epsilon_is_reported_not_hidden(tmp_path: Path) -> None:
     "hospitals_report",
     [
         pytest.param(False, id="hospitals-report-nothing"),
-        pytest.param(True, id="as-client_app-reports", marks=pytest.mark.xfail(
-            strict=True,
-            reason="clients/client_app.py reports privacy_* metrics (epsilon inf) with privacy off, PrivacyLog "
-            "writes them, and the report then shows an ∞ table and a 'mode off, yet rows' warning instead of "
-            "'Privacy was off'",
-        )),
+        pytest.param(True, id="as-client_app-reports"),
     ],
 )
 def test_privacy_off_run_folder_works_and_says_so(tmp_path: Path, hospitals_report: bool) -> None:

@@ -23,9 +23,9 @@ ROOT = Path(__file__).resolve().parents[1]
 def _one(variant: str, batch: int, size: int, steps: int) -> dict[str, float]:
     import torch
 
-    from clients.training import make_loss
     from privacy.dpsgd import train_dp_round
     from sims.model import make_model
+    from sims.training import make_loss
 
     n = 200
     gen = torch.Generator().manual_seed(0)

@@ -1,6 +1,6 @@
 """The baseline: the same FedAvg optimizer steps on the same data, in one plain process.
 
-Every hospital's local round runs :func:`clients.training.train_one_round` with the
+Every hospital's local round runs :func:`sims.training.train_one_round` with the
 same generator the ClientApp uses, the weights are averaged by patient count as FedAvg
 does, and the same evaluations run (each hospital's test split, the pooled holdout). No
 Flower, no Ray, no processes: what is left is the cost of the maths itself.

@@ -11,7 +11,6 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from clients.training import LocalTrainResult, augment_batch, make_loss, train_one_round
 from privacy.events import DPEvent
 from privacy.ledger import PrivacyLedger
 from sims.anatomy import class_names
@@ -20,6 +19,7 @@ from sims.evaluation import evaluate_segmentation
 from sims.hospitals import HospitalSpec, WorldSpec, load_hospital, make_federation
 from sims.model import head_parameter_names, make_model
 from sims.seeding import make_torch_generator
+from sims.training import LocalTrainResult, augment_batch, make_loss, train_one_round
 
 
 @lru_cache(maxsize=8)

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from clients.training import train_one_round
 from sims.config import FedscanConfig
 from sims.hospitals import load_hospital, make_public_cohort
 from sims.seeding import make_torch_generator
+from sims.training import train_one_round
 
 PUBLIC_COHORTS = 5  # a perfect scanner and one simulated scanner of each archetype, 200 patients each
 

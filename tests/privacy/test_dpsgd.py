@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from clients.training import make_loss
 from privacy.dpsgd import sample_rate, steps_per_epoch, train_dp_round
 from sims.model import make_model
+from sims.training import make_loss
 
 
 def _batch() -> tuple[torch.Tensor, torch.Tensor]:

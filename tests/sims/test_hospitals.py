@@ -512,10 +512,10 @@ def test_uint8_labels_give_the_same_dice_and_loss_as_int64() -> None:
     """Every consumer of labels (Dice metric, DiceCE loss) widens uint8 itself, per batch."""
     import torch
 
-    from clients.training import make_loss
     from sims.anatomy import class_names
     from sims.evaluation import evaluate_segmentation
     from sims.model import make_model
+    from sims.training import make_loss
 
     # Prepare
     world = dataclasses.replace(SMALL, server_eval_patients=5)

@@ -1,4 +1,4 @@
-"""Local training at one hospital: plain PyTorch, no Flower."""
+"""Local training: a hospital's round and the server's public pre-training. Plain PyTorch, no Flower."""
 
 from __future__ import annotations
 

@@ -30,6 +30,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import psutil
@@ -79,7 +80,7 @@ class TreeMemory:
             self._stop.wait(self.interval)
 
 
-def run_federated(hospitals: int, overrides: list[str]) -> dict[str, float]:
+def run_federated(hospitals: int, overrides: list[str]) -> dict[str, Any]:
     command = [str(Path(sys.executable).parent / "fedscan"), "run", "--hospitals", str(hospitals)]
     for item in overrides:
         command += ["-c", item]
@@ -109,7 +110,7 @@ def run_federated(hospitals: int, overrides: list[str]) -> dict[str, float]:
     metrics = pd.read_csv(run_dir / "metrics.csv")
     last = metrics[(metrics["round"] == metrics["round"].max()) & (metrics["site"] == "global")]
     dice = last[(last["split"] == "test") & (last["metric"] == "dice_mean")]["value"].iloc[0]
-    holdout = last[(last["split"] == "holdout") & (last["metric"] == "dice_mean")]["value"].iloc[0]
+    public = last[(last["split"] == "public") & (last["metric"] == "dice_mean")]["value"].iloc[0]
     return {
         "wall": wall,
         "rounds": len(per_round),
@@ -123,7 +124,7 @@ def run_federated(hospitals: int, overrides: list[str]) -> dict[str, float]:
         "peak_rss_gb": memory.peak / 1e9,
         "peak_pss_gb": memory.peak_pss / 1e9,
         "dice_test": float(dice),
-        "dice_holdout": float(holdout),
+        "dice_public": float(public),
         "run_dir": str(run_dir),
     }
 
@@ -149,7 +150,7 @@ def run_plain_subprocess(hospitals: int, overrides: list[str]) -> dict[str, floa
         "peak_rss_gb": memory.peak / 1e9,
         "peak_pss_gb": memory.peak_pss / 1e9,
         "dice_test": history[-1]["dice_mean"],
-        "dice_holdout": history[-1]["holdout_dice_mean"],
+        "dice_public": history[-1]["public_dice_mean"],
     }
 
 
@@ -182,7 +183,7 @@ def main() -> None:
         ("peak memory, all processes, summed RSS (GB)", f"{fed['peak_rss_gb']:.2f}", f"{plain['peak_rss_gb']:.2f}"),
         ("peak memory, all processes, summed PSS (GB)", f"{fed['peak_pss_gb']:.2f}", f"{plain['peak_pss_gb']:.2f}"),
         ("final mean foreground Dice, hospitals' test", f"{fed['dice_test']:.4f}", f"{plain['dice_test']:.4f}"),
-        ("final mean foreground Dice, pooled holdout", f"{fed['dice_holdout']:.4f}", f"{plain['dice_holdout']:.4f}"),
+        ("final mean foreground Dice, server public set", f"{fed['dice_public']:.4f}", f"{plain['dice_public']:.4f}"),
     ]
     print(f"\ndata cache warm-up (not counted): {warm:.1f} s; run folder: {fed['run_dir']}\n")
     print("| measure | federated (`fedscan run`) | plain loop |")

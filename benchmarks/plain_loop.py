@@ -2,7 +2,7 @@
 
 Every hospital's local round runs :func:`sims.training.train_one_round` with the
 same generator the ClientApp uses, the weights are averaged by patient count as FedAvg
-does, and the same evaluations run (each hospital's test split, the pooled holdout). No
+does, and the same evaluations run (each hospital's test split, the server's public set). No
 Flower, no Ray, no processes: what is left is the cost of the maths itself.
 """
 
@@ -20,7 +20,7 @@ from server.launcher import project_defaults
 from sims.anatomy import class_names
 from sims.config import FedscanConfig, config_from_run_config
 from sims.evaluation import evaluate_segmentation
-from sims.hospitals import load_holdout_pool, make_federation
+from sims.hospitals import load_public_eval, make_federation
 from sims.model import make_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def fedavg(states: list[dict[str, torch.Tensor]], weights: list[int]) -> dict[str, torch.Tensor]:
     total = float(sum(weights))
-    return {k: sum(s[k] * (w / total) for s, w in zip(states, weights, strict=True)) for k in states[0]}
+    return {k: torch.stack([s[k] * (w / total) for s, w in zip(states, weights, strict=True)]).sum(0) for k in states[0]}
 
 
 def run_plain(config: FedscanConfig, num_hospitals: int, *, evaluate: bool = True) -> dict[str, object]:
@@ -37,7 +37,7 @@ def run_plain(config: FedscanConfig, num_hospitals: int, *, evaluate: bool = Tru
     classes = class_names(config.world.lesions)
     for h in hospitals:  # data generation / cache reads are not training cost
         h.data("train")
-    holdout = load_holdout_pool(config.world, tuple(h.spec for h in hospitals), config.cache_dir)
+    public = load_public_eval(config.world)
     model = make_model(len(classes), config.train.unet_channels, seed=config.seed)
     global_state = {k: v.clone() for k, v in model.state_dict().items()}
     round_times: list[float] = []
@@ -58,8 +58,8 @@ def run_plain(config: FedscanConfig, num_hospitals: int, *, evaluate: bool = Tru
             per_site = [h.evaluate(model, "test") for h in hospitals]
             n = sum(c for _, c in per_site)
             scores = {k: sum(s[k] * c for s, c in per_site) / n for k in per_site[0][0]}
-            holdout_scores = evaluate_segmentation(model, *holdout, classes)
-            scores.update({f"holdout_{k}": v for k, v in holdout_scores.items()})
+            public_scores = evaluate_segmentation(model, *public, classes)
+            scores.update({f"public_{k}": v for k, v in public_scores.items()})
         round_times.append(time.perf_counter() - t0)
         history.append({"round": server_round, "seconds": round_times[-1], **scores})
         print(json.dumps(history[-1]), flush=True)

@@ -18,7 +18,17 @@ import time
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Error,
+    Message,
+    MetricRecord,
+    RecordDict,
+    UserConfig,
+)
 from flwr.clientapp import ClientApp
 
 from clients.hospital import Hospital
@@ -35,21 +45,38 @@ BUDGET_EXHAUSTED = 4001  # Error code of a reply that declines a round to protec
 HOSPITAL_CRASHED = 4002  # Error code of a simulated crash after training (server/driver.py)
 
 
+def _number(record: ConfigRecord | UserConfig, key: str, default: float | None = None) -> float:
+    """A numeric value of a Flower record (its values are typed as a union of many types)."""
+    value = record.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"'{key}' must be a number in the message's config. Got {value!r} instead.")
+    return value
+
+
+def _int(record: ConfigRecord | UserConfig, key: str, default: int | None = None) -> int:
+    return int(_number(record, key, default))
+
+
 def _hospital(context: Context) -> Hospital:
     config = config_from_run_config(context.run_config)
     return Hospital.from_partition(
-        config, int(context.node_config["partition-id"]), int(context.node_config["num-partitions"])
+        config, _int(context.node_config, "partition-id"), _int(context.node_config, "num-partitions")
     )
 
 
 def _config_hash(hospital: Hospital, context: Context) -> str:
-    return hospital.config.config_hash(int(context.node_config["num-partitions"]))
+    return hospital.config.config_hash(_int(context.node_config, "num-partitions"))
 
 
 def _ledger(context: Context) -> PrivacyLedger:
     if LEDGER_KEY in context.state.config_records:
         return PrivacyLedger.from_config(context.state.config_records[LEDGER_KEY])
     return PrivacyLedger()
+
+
+def _ledger_record(ledger: PrivacyLedger) -> ConfigRecord:
+    columns: dict[str, list[int] | list[float]] = ledger.to_config()
+    return ConfigRecord(dict(columns.items()))
 
 
 def _status(context: Context) -> ConfigRecord:
@@ -67,7 +94,7 @@ def _restore_if_resuming(hospital: Hospital, context: Context, config: ConfigRec
     resume_dir = str(config.get("resume-dir", ""))
     if not resume_dir or STATUS_KEY in context.state.config_records:
         return
-    resume_round = int(config["resume-round"])
+    resume_round = _int(config, "resume-round")
     state = load_state(
         resume_dir, str(config["resume-key-root"]), hospital.site, resume_round, _config_hash(hospital, context)
     )
@@ -87,16 +114,16 @@ def _persist(hospital: Hospital, context: Context, config: ConfigRecord, server_
         return
     kept = [int(r) for r in str(config.get("kept-rounds", "")).split(",") if r]
     status = _status(context)
-    if not int(status.get("first-saved", 0)):
+    if not _int(status, "first-saved", 0):
         status["first-saved"] = server_round
     state = {
         "ledger": _ledger(context).to_config(),
         "status": dict(status),
-        "first-saved": int(status["first-saved"]),
+        "first-saved": _int(status, "first-saved"),
     }
     save_state(
         run_dir, str(config["key-root"]), hospital.site, server_round, _config_hash(hospital, context), state,
-        kept_server_rounds=kept, create_keys=bool(int(config.get("key-create", 0))),
+        kept_server_rounds=kept, create_keys=bool(_int(config, "key-create", 0)),
     )
 
 
@@ -104,18 +131,18 @@ def _persist(hospital: Hospital, context: Context, config: ConfigRecord, server_
 def query(msg: Message, context: Context) -> Message:
     """The server's roll call: say which hospital this is (and restore state on a resume)."""
     hospital = _hospital(context)
-    _restore_if_resuming(hospital, context, msg.content["config"])
+    _restore_if_resuming(hospital, context, msg.content.config_records["config"])
     return Message(RecordDict({"metrics": MetricRecord({"site": hospital.site})}), reply_to=msg)
 
 
 def _open(msg: Message, context: Context) -> tuple[Hospital, ConfigRecord, int, torch.nn.Module]:
     """What every message starts with: the hospital, its round, the global model."""
     hospital = _hospital(context)
-    config = msg.content["config"]
+    config = msg.content.config_records["config"]
     _restore_if_resuming(hospital, context, config)
     model = hospital.new_model()
-    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
-    return hospital, config, int(config["server-round"]), model
+    model.load_state_dict(msg.content.array_records["arrays"].to_torch_state_dict())
+    return hospital, config, _int(config, "server-round"), model
 
 
 @app.train()
@@ -141,9 +168,9 @@ def train(msg: Message, context: Context) -> Message:
             return Message(Error(code=BUDGET_EXHAUSTED, reason=reason), reply_to=msg)
         result, event = hospital.train_private(model, server_round)
         ledger.append(event)
-        context.state[LEDGER_KEY] = ConfigRecord(ledger.to_config())
+        context.state[LEDGER_KEY] = _ledger_record(ledger)
     else:
-        result = hospital.train(model, server_round, proximal_mu=float(config.get("proximal-mu", 0.0)))
+        result = hospital.train(model, server_round, proximal_mu=_number(config, "proximal-mu", 0.0))
     status["trained-round"] = server_round
     status["steps"] = result.steps
     _persist(hospital, context, config, server_round)
@@ -154,7 +181,7 @@ def train(msg: Message, context: Context) -> Message:
         reason = f"hospital {hospital.site} crashed after training in round {server_round} (simulated fault)"
         return Message(Error(code=HOSPITAL_CRASHED, reason=reason), reply_to=msg)
     if fault == "straggle":  # reply just after the server's deadline for this round
-        reply_by = float(config.get("reply-by", time.time() + faults.round_timeout))
+        reply_by = _number(config, "reply-by", time.time() + faults.round_timeout)
         time.sleep(max(0.0, reply_by - time.time()) + faults.straggle_margin)
     update = ArrayRecord(model.state_dict())
     if fault == "corrupt":
@@ -201,13 +228,13 @@ def _privacy_metrics(hospital: Hospital, context: Context, server_round: int) ->
     Without sample-level DP the local training is not private: epsilon is infinite.
     """
     status = _status(context)
-    participated = int(status["trained-round"]) == server_round
+    participated = _int(status, "trained-round") == server_round
     p = hospital.config.privacy
     if p.mode == "off":  # nothing to account: privacy.csv stays empty and the report says so
         return {}
     if not p.sample_level:
-        steps = int(status["steps"]) if participated else 0
-        trained = int(status["trained-round"]) >= 0
+        steps = _int(status, "steps") if participated else 0
+        trained = _int(status, "trained-round") >= 0
         eps = math.inf if trained else 0.0
         return {
             "privacy_participated": int(participated),
@@ -230,5 +257,5 @@ def _privacy_metrics(hospital: Hospital, context: Context, server_round: int) ->
         "privacy_epsilon_rdp": ledger.epsilon(delta=p.delta, accountant="rdp"),
         "privacy_epsilon_prv": ledger.epsilon(delta=p.delta, accountant="prv"),
         "privacy_delta": p.delta,
-        "privacy_budget_exhausted": int(bool(status["exhausted-round"])),
+        "privacy_budget_exhausted": int(bool(_int(status, "exhausted-round"))),
     }

@@ -118,9 +118,9 @@ class Hospital:
         from privacy.dpsgd import train_dp_round
 
         trainable = set(head_parameter_names(model)) if self.config.privacy.dp_layers == "head" else None
-        frozen = [p for n, p in model.named_parameters() if trainable is not None and n not in trainable]
-        for p in frozen:
-            p.requires_grad_(False)
+        frozen = [w for n, w in model.named_parameters() if trainable is not None and n not in trainable]
+        for weight in frozen:
+            weight.requires_grad_(False)
         images, labels = self.data("train")
         plan = self.dp_plan()
         t, p = self.config.train, self.config.privacy
@@ -137,8 +137,8 @@ class Hospital:
             generator=make_torch_generator(self.config.seed, self.site, server_round, "dp-sgd"),
             transform=augment_batch if self.config.world.augment else None,
         )
-        for p in frozen:
-            p.requires_grad_(True)
+        for weight in frozen:
+            weight.requires_grad_(True)
         event = DPEvent(server_round, plan.noise_multiplier, plan.sample_rate, result.steps)
         return LocalTrainResult(loss=result.loss, steps=result.steps, num_examples=len(images)), event
 

@@ -95,7 +95,10 @@ def roll_call(grid: Grid, config: dict[str, Any], *, timeout: float, expected: i
     for reply in replies:
         if reply.has_error():
             raise FederationError(f"A hospital failed the roll call: {reply.error.reason}")
-        site_of[reply.metadata.src_node_id] = int(reply.content["metrics"]["site"])
+        site = reply.content.metric_records["metrics"]["site"]
+        if isinstance(site, bool) or not isinstance(site, int | float):
+            raise FederationError(f"A hospital answered the roll call with site {site!r}, not a number.")
+        site_of[reply.metadata.src_node_id] = int(site)
     if len(site_of) < len(node_ids) or len(set(site_of.values())) != len(site_of) or len(site_of) != expected:
         raise FederationError(
             f"The roll call heard {len(set(site_of.values()))} distinct hospitals of {expected} within {timeout:g} s."
@@ -174,7 +177,7 @@ def exchange(
         site = site_of.get(reply.metadata.src_node_id, -1)
         if reply.has_error():
             kind = _error_kind(reply.error.code)
-            result.failures.append(Failure(server_round, site, phase, kind, reply.error.reason))
+            result.failures.append(Failure(server_round, site, phase, kind, reply.error.reason or "(no reason given)"))
             continue
         why = check_update(reply, reference) if reference is not None else None
         if why is not None:

@@ -47,27 +47,35 @@ class SiteMetrics:
         total_weight = 0.0
         for content in contents:
             record = _metric_record(content)
-            site = str(int(record["site"]))
-            server_round = int(record["server-round"])
-            weight = float(record[weighted_by_key])
+            site = str(int(_number(record, "site")))
+            server_round = int(_number(record, "server-round"))
+            weight = _number(record, weighted_by_key)
             total_weight += weight
-            private = {k[len(PRIVACY_PREFIX) :]: v for k, v in record.items() if k.startswith(PRIVACY_PREFIX)}
+            private = {k[len(PRIVACY_PREFIX) :]: _number(record, k) for k in record if k.startswith(PRIVACY_PREFIX)}
             if private:
                 privacy.append({"site": site, **private})
                 for key in ("epsilon_rdp", "epsilon_prv"):
                     if key in private:
-                        worst[key] = max(worst.get(key, 0.0), float(private[key]))
-            for key, value in record.items():
+                        worst[key] = max(worst.get(key, 0.0), private[key])
+            for key in record:
                 if key in BOOKKEEPING or key.startswith(PRIVACY_PREFIX):
                     continue
-                rows.append(MetricRow(server_round, site, split, key, float(value)))
-                sums[key] = sums.get(key, 0.0) + weight * float(value)
+                value = _number(record, key)
+                rows.append(MetricRow(server_round, site, split, key, value))
+                sums[key] = sums.get(key, 0.0) + weight * value
         averaged = {k: v / total_weight for k, v in sums.items()} if total_weight else {}
         rows += [MetricRow(server_round, "global", split, k, v) for k, v in averaged.items()]
         self._sink(rows)
         if privacy and self._privacy_sink is not None:
             self._privacy_sink(server_round, privacy)
         return MetricRecord({**averaged, **{f"{k}_worst": v for k, v in worst.items()}})
+
+
+def _number(record: MetricRecord, key: str) -> float:
+    value = record[key]
+    if not isinstance(value, int | float):
+        raise ValueError(f"a hospital's metric {key!r} must be a number, got {value!r}")
+    return float(value)
 
 
 def _metric_record(content: RecordDict) -> MetricRecord:

@@ -87,7 +87,8 @@ def load_anatomy() -> Anatomy:
 
     def read(path: str) -> np.ndarray:
         # The files store uint8 in [0, 255]; reading as float32 avoids a float64 copy.
-        return np.asarray(nib.load(path).dataobj, dtype=np.float32) / np.float32(255.0)
+        image = nib.load(path)
+        return np.asarray(image.dataobj, dtype=np.float32) / np.float32(255.0)  # type: ignore[attr-defined]
 
     t1 = read(datasets.MNI152_FILE_PATH)
     gm = read(datasets.GM_MNI152_FILE_PATH)

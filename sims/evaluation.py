@@ -43,7 +43,10 @@ def evaluate_segmentation(
         y = torch.from_numpy(labels[start : start + batch_size])
         pred = model(x).argmax(dim=1, keepdim=True)
         metric(y_pred=one_hot(pred, num_classes), y=one_hot(y, num_classes))
-    per_patient = metric.aggregate().cpu().numpy()  # (N, num_classes - 1)
+    aggregated = metric.aggregate()
+    if not isinstance(aggregated, torch.Tensor):  # MONAI types it as a tensor or a (tensor, not-nans) pair
+        aggregated = aggregated[0]
+    per_patient = aggregated.cpu().numpy()  # (N, num_classes - 1)
     model.train(was_training)
     per_class = per_patient.mean(axis=0)
     scores = {f"dice_{name}": float(v) for name, v in zip(class_names[1:], per_class, strict=True)}

@@ -25,6 +25,7 @@ import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import astuple, dataclass, fields
+from typing import Any
 
 import numpy as np
 import torch
@@ -173,7 +174,7 @@ def _single_threaded_torch() -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-def _run_monai(transform: Callable[[torch.Tensor], torch.Tensor], image: np.ndarray) -> np.ndarray:
+def _run_monai(transform: Callable[..., Any], image: np.ndarray) -> np.ndarray:
     """Apply a channel-first MONAI transform to an ``(H, W)`` array; float32 ``(H, W)`` out."""
     with _single_threaded_torch():
         out = transform(torch.as_tensor(np.ascontiguousarray(image, dtype=np.float32))[None])

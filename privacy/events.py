@@ -12,14 +12,13 @@ sentence: "The 'delta' parameter of epsilon must be a float in (0, 1). Got 2 ins
 
 from __future__ import annotations
 
-import difflib
-import math
-import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["DPEvent", "InvalidParameterError"]
+from common.validation import InvalidParameterError, check_choice, check_float, check_int
+
+__all__ = ["DPEvent", "InvalidParameterError", "check_choice", "check_events", "check_float", "check_int"]
 
 
 PRIVACY_COLUMNS = (
@@ -38,14 +37,6 @@ PRIVACY_COLUMNS = (
 
 CLIENT_LEVEL = "client-level"
 """``site`` of the server's client-level (DP-FedAvg) rows in ``privacy.csv``."""
-
-class InvalidParameterError(ValueError, TypeError):
-    """A parameter has the wrong type or a value outside its allowed range.
-
-    Subclasses both :class:`ValueError` and :class:`TypeError` (as scikit-learn's error of
-    the same name does), so callers may catch either.
-    """
-
 
 @dataclass(frozen=True)
 class DPEvent:
@@ -146,71 +137,6 @@ _FIELDS = ("round", "noise_multiplier", "sample_rate", "steps")
 
 
 # --- validators shared by the privacy package --------------------------------------------
-
-
-def _interval(low: float, high: float, low_open: bool, high_open: bool) -> str:
-    def show(x: float) -> str:
-        if math.isinf(x):
-            return "inf" if x > 0 else "-inf"
-        return f"{x:g}"
-
-    left = "(" if low_open or math.isinf(low) else "["
-    right = ")" if high_open or math.isinf(high) else "]"
-    return f"{left}{show(low)}, {show(high)}{right}"
-
-
-def check_float(
-    name: str,
-    value: Any,
-    *,
-    owner: str,
-    low: float = -math.inf,
-    high: float = math.inf,
-    low_open: bool = False,
-    high_open: bool = False,
-) -> float:
-    """Return ``value`` as a ``float`` if it is a finite real in the interval, else raise.
-
-    ``bool`` is refused (it is an ``int`` to Python, never a rate or a noise level).
-    """
-    interval = _interval(low, high, low_open, high_open)
-    ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
-    if ok:
-        x = float(value)
-        ok = (
-            math.isfinite(x)
-            and (x > low if low_open else x >= low)
-            and (x < high if high_open else x <= high)
-        )
-    if not ok:
-        raise InvalidParameterError(
-            f"The '{name}' parameter of {owner} must be a float in {interval}. Got {value!r} instead."
-        )
-    return x
-
-
-def check_int(name: str, value: Any, *, owner: str, low: int = 0) -> int:
-    """Return ``value`` as an ``int`` if it is an integral number >= ``low``, else raise."""
-    if isinstance(value, numbers.Integral) and not isinstance(value, bool) and int(value) >= low:
-        return int(value)
-    raise InvalidParameterError(
-        f"The '{name}' parameter of {owner} must be an int in [{low}, inf). Got {value!r} instead."
-    )
-
-
-def check_choice(name: str, value: Any, options: tuple[str, ...], *, owner: str) -> str:
-    """Return ``value`` if it is one of ``options``; otherwise raise, suggesting the nearest."""
-    if isinstance(value, str) and value in options:
-        return value
-    message = (
-        f"The '{name}' parameter of {owner} must be one of {', '.join(map(repr, options))}. "
-        f"Got {value!r} instead."
-    )
-    if isinstance(value, str):
-        close = difflib.get_close_matches(value.lower(), options, n=1, cutoff=0.3)
-        if close:
-            message += f" Did you mean {close[0]!r}?"
-    raise InvalidParameterError(message)
 
 
 def check_events(name: str, events: Any, *, owner: str) -> tuple[DPEvent, ...]:

@@ -73,7 +73,7 @@ EXIT_INTERRUPTED = 130  # 128 + SIGINT; a signal gives 128 + its number (143 for
 LAUNCH_ID_ENV = "FEDSCAN_LAUNCH_ID"
 """Environment variable that tags every process of a launch with its launch id."""
 
-APP_PACKAGES = ("server", "clients", "sims", "privacy", "scenarios")
+APP_PACKAGES = ("server", "clients", "sims", "privacy", "scenarios", "common")
 APP_FILES = ("pyproject.toml", "README.md")
 LOG_TAIL_LINES = 400
 

@@ -9,12 +9,12 @@ and nothing below them reads ``run_config``.
 
 from __future__ import annotations
 
-import difflib
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
+from common.validation import InvalidParameterError, check_int, did_you_mean
 from sims.faults import CORRUPT_KINDS, FaultSpec
 from sims.world import WorldSpec
 
@@ -233,13 +233,10 @@ def round_lr(train: TrainSpec, server_round: int) -> float:
 
 def _int_in(lo: int, hi: float = math.inf) -> Callable[[str, Any], int]:
     def parse(key: str, value: Any) -> int:
-        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-            upper = "inf" if hi == math.inf else str(int(hi))
-            raise ConfigError(
-                f"The '{key}' parameter must be an int in [{lo}, {upper}]. "
-                f"Got {value!r} instead."
-            )
-        return value
+        try:
+            return check_int(key, value, low=lo, high=hi)
+        except InvalidParameterError as err:
+            raise ConfigError(str(err)) from None
 
     return parse
 
@@ -371,8 +368,7 @@ KEYS: dict[str, tuple[str, str, _Parser]] = {
 
 
 def _nearest(name: str, options: tuple[str, ...] | list[str]) -> str:
-    close = difflib.get_close_matches(name, list(options), n=1, cutoff=0.6)
-    return f" Did you mean '{close[0]}'?" if close else ""
+    return did_you_mean(name, options)
 
 
 def check_known_keys(keys: list[str] | tuple[str, ...]) -> None:

@@ -6,28 +6,19 @@ Kept apart from :mod:`sims.hospitals` (which needs torch, MONAI and the anatomy)
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
 
+from common.validation import InvalidParameterError, parameter_error
+from common.validation import is_int as _is_int
+from common.validation import is_real as _is_real
+
 MIN_PATIENTS = 10  # smallest cohort a hospital may have (train, val and test need patients)
 
 
-def _is_int(value: object) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-
-def _is_real(value: object) -> bool:
-    return (
-        isinstance(value, (int, float, np.integer, np.floating))
-        and not isinstance(value, bool)
-        and math.isfinite(value)
-    )
-
-
-def _invalid(owner: str, name: str, expected: str, value: object, hint: str = "") -> ValueError:
-    return ValueError(f"The '{name}' parameter of {owner} must be {expected}. Got {value!r} instead{hint}.")
+def _invalid(owner: str, name: str, expected: str, value: object, hint: str = "") -> InvalidParameterError:
+    return InvalidParameterError(parameter_error(name, expected, value, owner=owner, hint=hint))
 
 
 @dataclass(frozen=True)
@@ -98,7 +89,7 @@ class WorldSpec:
             hint = ""
             if _is_int(self.image_size):
                 nearest = sorted({min(256, max(32, 8 * (self.image_size // 8 + k))) for k in (0, 1)})
-                hint = f"; try {' or '.join(map(str, nearest))}"
+                hint = f" Try {' or '.join(map(str, nearest))}."
             raise _invalid(owner, "image_size", "an int divisible by 8 in [32, 256]", self.image_size, hint)
         if not _is_int(self.patients_per_hospital) or self.patients_per_hospital < MIN_PATIENTS:
             raise _invalid(

@@ -85,7 +85,7 @@ def test_failed_server_app_exits_nonzero_with_its_error(tmp_path: Path) -> None:
     for name in ("pyproject.toml", "README.md"):
         (app / name).parent.mkdir(parents=True, exist_ok=True)
         (app / name).write_bytes((ROOT / name).read_bytes()) if (ROOT / name).exists() else None
-    for package in ("server", "clients", "sims", "privacy", "scenarios"):
+    for package in ("server", "clients", "sims", "privacy", "scenarios", "common"):
         for src in (ROOT / package).rglob("*.py"):
             dst = app / src.relative_to(ROOT)
             dst.parent.mkdir(parents=True, exist_ok=True)

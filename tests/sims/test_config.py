@@ -49,7 +49,7 @@ def test_config_is_frozen() -> None:
         ("lr", "fast", r"'lr' .* Got 'fast'"),
         ("num-server-rounds", 0, r"'num-server-rounds' parameter must be an int in \[1, 10000\]\. Got 0"),
         ("batch-size", 2.5, r"'batch-size' parameter must be an int"),
-        ("image-size", 100, r"'image-size' parameter must be an int divisible by 8 in \[32, 256\]\. Got 100 instead; try 96 or 104"),
+        ("image-size", 100, r"'image-size' parameter must be an int divisible by 8 in \[32, 256\]\. Got 100 instead\. Try 96 or 104"),
         ("lesions", "yes", r"'lesions' parameter must be true or false"),
         ("unet-channels", "16,x", r"'unet-channels' parameter must be 2 to 6 comma-separated ints"),
         ("quantity-skew", 1.5, r"'quantity-skew' parameter must be a float in \[0, 1\]\. Got 1\.5"),

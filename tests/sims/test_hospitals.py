@@ -48,8 +48,8 @@ def spec_with(prevalence: float, scanner=IDENTITY_SCANNER) -> HospitalSpec:
 
 # fmt: off
 INVALID_WORLDS: list[tuple[dict, str]] = [
-    ({"image_size": 50}, "The 'image_size' parameter of WorldSpec must be an int divisible by 8 in [32, 256]. Got 50 instead; try 48 or 56."),
-    ({"image_size": 264}, "The 'image_size' parameter of WorldSpec must be an int divisible by 8 in [32, 256]. Got 264 instead; try 256."),
+    ({"image_size": 50}, "The 'image_size' parameter of WorldSpec must be an int divisible by 8 in [32, 256]. Got 50 instead. Try 48 or 56."),
+    ({"image_size": 264}, "The 'image_size' parameter of WorldSpec must be an int divisible by 8 in [32, 256]. Got 264 instead. Try 256."),
     ({"image_size": 96.0}, "The 'image_size' parameter of WorldSpec must be an int divisible by 8 in [32, 256]. Got 96.0 instead."),
     ({"seed": -1}, "The 'seed' parameter of WorldSpec must be an int in [0, inf). Got -1 instead."),
     ({"seed": True}, "The 'seed' parameter of WorldSpec must be an int in [0, inf). Got True instead."),

@@ -1,0 +1,1 @@
+"""Helpers every fedscan package may import (it imports no other project package)."""

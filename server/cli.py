@@ -14,6 +14,7 @@ import json
 import re
 import shutil
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -23,14 +24,13 @@ from server.launcher import (
     EXIT_RUN_FAILED,
     EXIT_TIMEOUT,
     EXIT_USER_ERROR,
-    Interrupted,
     LaunchPlan,
     UserError,
     launch,
     parse_pairs,
     resolve_federation,
     resolve_run_config,
-    stop_signals_raise,
+    stop_signals,
     toml_value,
 )
 
@@ -45,7 +45,7 @@ class _ArgumentError(Exception):
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> Any:  # type: ignore[override]
+    def error(self, message: str) -> Any:
         # argparse prints the usage and exits; a one-line error and exit code 2 instead,
         # also when main() is called in-process.
         raise _ArgumentError(f"{message} (see {self.prog} --help).")
@@ -80,8 +80,14 @@ def _print_dry_run(plan: LaunchPlan) -> None:
     print("\n".join(lines))
 
 
-def command_run(args: argparse.Namespace, passthrough: list[str]) -> int:
+def command_run(
+    args: argparse.Namespace, passthrough: list[str], cancel: threading.Event | None = None,
+    received: Sequence[int] = (),
+) -> int:
     plan = _plan(args)
+    if received:  # a stop signal during validation: nothing was started
+        print("fedscan: interrupted; nothing was started.", file=sys.stderr)
+        return 128 + received[0]
     for note in plan.warnings:
         print(f"fedscan: warning: {note}", file=sys.stderr)
     if args.dry_run:
@@ -91,7 +97,9 @@ def command_run(args: argparse.Namespace, passthrough: list[str]) -> int:
         raise UserError(f"The '--timeout' option must be a number of seconds > 0. Got {args.timeout!r} instead.")
 
     print(f"fedscan: {plan.num_hospitals} hospitals; starting a private SuperLink", flush=True)
-    result = launch(plan, project=plan.project, stream=sys.stdout, timeout=args.timeout, extra_args=passthrough)
+    result = launch(
+        plan, project=plan.project, stream=sys.stdout, timeout=args.timeout, extra_args=passthrough, cancel=cancel
+    )
 
     if result.exit_code == EXIT_TIMEOUT:
         print(f"\nfedscan: the run did not finish within {args.timeout:g} s; stopped it and every process it "
@@ -468,9 +476,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if shutil.which("flwr", path=str(Path(sys.executable).parent)) is None and shutil.which("flwr") is None:
             raise UserError("The 'flwr' command is not installed in this environment: run `make install`.")
         if args.command == "run":
-            # SIGTERM/SIGHUP during validation, too, end with 128 + the signal number.
-            with stop_signals_raise():
-                return command_run(args, passthrough)
+            # SIGINT/SIGTERM/SIGHUP during validation, too, end with 128 + the signal number.
+            cancel = threading.Event()
+            with stop_signals(cancel) as received:
+                return command_run(args, passthrough, cancel, received)
         if args.command == "report":
             return command_report(args)
         if args.command == "keygen":
@@ -479,9 +488,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (UserError, _ArgumentError) as err:
         print(f"fedscan: error: {err}", file=sys.stderr)
         return EXIT_USER_ERROR
-    except Interrupted as err:  # outside a launch: nothing of the run is running
-        print("fedscan: interrupted.", file=sys.stderr)
-        return 128 + err.signum
+
 
 
 if __name__ == "__main__":

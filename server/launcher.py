@@ -661,64 +661,63 @@ class RunResult:
         return self.exit_code == EXIT_OK
 
 
-class Interrupted(KeyboardInterrupt):
-    """A stop signal (SIGINT, SIGTERM, SIGHUP) arrived during a launch."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signum)
-        self.signum = signum
-
-
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 @contextlib.contextmanager
-def stop_signals_raise(stopping: threading.Event | None = None) -> Iterator[None]:
-    """In the main thread: SIGINT, SIGTERM and SIGHUP raise :class:`Interrupted` once.
+def stop_signals(cancel: threading.Event) -> Iterator[list[int]]:
+    """In the main thread: SIGINT, SIGTERM and SIGHUP set ``cancel`` (and are recorded).
 
-    Once ``stopping`` is set (the clean-up has begun) further signals are ignored, so a
-    second Ctrl-C cannot cut the clean-up short and leave processes behind. A no-op outside
-    the main thread (Python delivers signals there only).
+    Yields the list the signal numbers are appended to. The handler raises nothing: an
+    exception raised at an arbitrary point (inside httpx, holding its connection-pool
+    lock) can deadlock the very clean-up it should start. The launch polls ``cancel``
+    at least every half second instead, and further signals cannot cut the clean-up
+    short. A no-op outside the main thread (Python delivers signals there only); the
+    previous handlers are restored on exit.
     """
-    stopping = stopping or threading.Event()
+    received: list[int] = []
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield received
         return
 
     def handler(signum: int, _frame: FrameType | None) -> None:
-        if stopping.is_set():
-            return
-        stopping.set()
-        raise Interrupted(signum)
+        received.append(signum)
+        cancel.set()
 
     previous = {sig: signal.signal(sig, handler) for sig in _STOP_SIGNALS}
     try:
-        yield
+        yield received
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
 
 
-def _run_status(env: dict[str, str], project: Path, run_id: str, timeout: float) -> str:
+def _run_status(
+    env: dict[str, str], project: Path, run_id: str, timeout: float, should_stop: Callable[[], bool]
+) -> str:
+    """How the SuperLink says the run ended (``flwr ls``): ``flwr run --stream`` exits 0 regardless."""
+    proc = subprocess.Popen(
+        ["flwr", "ls", "local", "--run-id", run_id, "--format", "json"],
+        env=env, cwd=project, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    deadline = time.monotonic() + max(timeout, 1.0)
+    while True:
+        try:
+            stdout, stderr = proc.communicate(timeout=0.5)
+            break
+        except subprocess.TimeoutExpired:
+            if should_stop() or time.monotonic() > deadline:
+                proc.kill()
+                proc.communicate()
+                return "unknown (flwr ls did not answer)"
     try:
-        out = subprocess.run(
-            ["flwr", "ls", "local", "--run-id", run_id, "--format", "json"],
-            env=env,
-            cwd=project,
-            capture_output=True,
-            text=True,
-            timeout=max(timeout, 1.0),
-        )
-    except subprocess.TimeoutExpired:
-        return "unknown (flwr ls did not answer)"
-    try:
-        runs = json.loads(out.stdout).get("runs", [])
+        runs = json.loads(stdout).get("runs", [])
         if not runs:
             return "unknown"
         details = runs[0].get("status-details") or ""
         return f"{runs[0].get('status', 'unknown')}" + (f" ({details})" if details else "")
     except (json.JSONDecodeError, AttributeError, IndexError):
-        return f"unknown ({out.stdout.strip() or out.stderr.strip()})"
+        return f"unknown ({stdout.strip() or stderr.strip()})"
 
 
 def find_run_dir(output_dir: Path, run_id: str) -> Path | None:
@@ -801,7 +800,6 @@ def launch(
     env = flower_env(plan.project, launch_id=launch_id, flwr_home=folder / "flwr", env_overrides=env_overrides)
     become_subreaper()
     sweeper = ProcessSweeper(launch_id)
-    stopping = threading.Event()
     cancel = cancel or threading.Event()
     superlink = SuperLink(env, folder / "superlink.log")
     tail: list[str] = []
@@ -817,7 +815,7 @@ def launch(
         return cancel.is_set() or out_of_time()
 
     flwr: subprocess.Popen[str] | None = None
-    with stop_signals_raise(stopping):
+    with stop_signals(cancel) as received:
         try:
             for path in (folder / "flwr", Path(env["RAY_TMPDIR"])):
                 path.mkdir(parents=True, exist_ok=True)
@@ -869,23 +867,18 @@ def launch(
                         last_record = time.monotonic()
                 if not should_stop():
                     flwr_code = flwr.wait()
+            if run_id is not None and not should_stop():
+                left = deadline - time.monotonic() if deadline is not None else 60.0
+                status = _run_status(env, plan.project, run_id, min(60.0, left), should_stop)
+                if flwr_code == 0 and status.startswith("finished:completed"):
+                    exit_code = EXIT_OK
+            elif run_id is None and not status.startswith("not started ("):
+                status = "not started (flwr run printed no run id)"
             if cancel.is_set():
-                status, exit_code = "interrupted", EXIT_INTERRUPTED
+                status, exit_code = "interrupted", (128 + received[0]) if received else EXIT_INTERRUPTED
             elif out_of_time():
                 status, exit_code = "timed out", EXIT_TIMEOUT
-            elif run_id is not None:
-                left = deadline - time.monotonic() if deadline is not None else 60.0
-                status = _run_status(env, plan.project, run_id, timeout=min(60.0, left))
-                if out_of_time():
-                    status, exit_code = "timed out", EXIT_TIMEOUT
-                elif flwr_code == 0 and status.startswith("finished:completed"):
-                    exit_code = EXIT_OK
-            elif not status.startswith("not started ("):
-                status = "not started (flwr run printed no run id)"
-        except Interrupted as err:
-            status, exit_code = "interrupted", 128 + err.signum
         finally:
-            stopping.set()  # from here on, stop signals are ignored: the clean-up must finish
             if flwr is not None and flwr.poll() is None:
                 flwr.kill()  # the client only; the run itself dies with the SuperLink's processes
             sweeper.stop(grace=grace)

@@ -18,6 +18,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -48,7 +49,8 @@ class _Recorder(threading.Thread):
 
     def __init__(self, pid: int) -> None:
         super().__init__(daemon=True)
-        self.pid, self.seen, self.done = pid, {}, threading.Event()
+        self.pid, self.done = pid, threading.Event()
+        self.seen: dict[tuple[int, float], str] = {}
 
     def run(self) -> None:
         while not self.done.is_set():
@@ -74,7 +76,7 @@ class _Recorder(threading.Thread):
         return left
 
 
-def _interrupt_run(tmp_path: Path, trigger: str | None, delay: float) -> tuple[int, str, dict[str, dict[int, str]]]:
+def _interrupt_run(tmp_path: Path, trigger: str | None, delay: float) -> tuple[int, str, dict[str, dict[Any, str]]]:
     """Start a run, SIGTERM it ``delay`` s after ``trigger`` appears in its output (or after start)."""
     mark = uuid.uuid4().hex
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")} | {MARK: mark}
@@ -112,7 +114,7 @@ def _interrupt_run(tmp_path: Path, trigger: str | None, delay: float) -> tuple[i
     deadline = time.monotonic() + 5.0
     while time.monotonic() < deadline and (_marked(mark) or recorder.alive()):
         time.sleep(0.2)
-    left = {"marked": _marked(mark), "descendants": recorder.alive(), "seen": dict(recorder.seen)}
+    left: dict[str, dict[Any, str]] = {"marked": _marked(mark), "descendants": recorder.alive(), "seen": dict(recorder.seen)}
     print(f"SIGTERM -> exit: {stop_s:.1f} s; {len(recorder.seen)} descendants seen")
     for pid in set(left["marked"]) | set(left["descendants"]):  # never leave them to others
         try:

@@ -523,7 +523,7 @@ class ProcessSweeper:
                     found[p.pid] = p
         return list(found.values())
 
-    def stop(self, grace: float = 5.0) -> list[int]:
+    def stop(self, grace: float = 3.0) -> list[int]:
         """End every process of the launch; return the pids that were ended."""
         import psutil
 
@@ -641,7 +641,7 @@ class RunResult:
     flwr_exit_code : int or None
         ``flwr run``'s own exit code (0 even for failed runs; hence ``status``).
     superlink_log : Path or None
-        The SuperLink's log file (kept unless the run completed).
+        The SuperLink's log file, kept when the run failed or timed out (else None).
     launch_id : str
         The value of ``FEDSCAN_LAUNCH_ID`` in every process of the launch.
     """
@@ -743,7 +743,7 @@ def launch(
     home: Path | None = None,
     extra_args: Sequence[str] = (),
     cancel: threading.Event | None = None,
-    grace: float = 5.0,
+    grace: float = 3.0,
 ) -> RunResult:
     """Run one fedscan simulation on a private SuperLink and stop everything it started.
 
@@ -765,8 +765,8 @@ def launch(
         Where Flower's log lines go as they arrive (e.g. ``sys.stdout``); default: nowhere.
     home : Path, optional
         Folder for this launch's ``FLWR_HOME``, staged app and SuperLink log; default a
-        fresh ``<project>/.flwr/launches/<launch id>``. Removed when the run completes,
-        except the SuperLink log when it did not.
+        fresh ``<project>/.flwr/launches/<launch id>``, removed at the end except the
+        SuperLink log of a failed or timed-out run.
     extra_args : sequence of str
         More ``flwr run`` options, passed on.
     cancel : threading.Event, optional
@@ -896,7 +896,7 @@ def launch(
     if exit_code == EXIT_OK and run_dir is None:
         exit_code = EXIT_RUN_FAILED
     log: Path | None = superlink.log_file
-    if exit_code == EXIT_OK and home is None:
+    if exit_code not in (EXIT_RUN_FAILED, EXIT_TIMEOUT) and home is None:  # its log explains nothing then
         shutil.rmtree(folder, ignore_errors=True)
         log = None
     return RunResult(

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import difflib
 import hashlib
 import json
 import os
@@ -49,6 +48,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, TextIO
 
+from common.validation import did_you_mean
 from sims.config import ConfigError, check_known_keys, config_from_run_config, privacy_warnings
 
 DEFAULT_HOSPITALS = 4
@@ -225,9 +225,8 @@ def resolve_federation(overrides: Mapping[str, Any], hospitals: int | None = Non
     """
     for key in overrides:
         if key not in FEDERATION_KEYS:
-            close = difflib.get_close_matches(str(key), FEDERATION_KEYS, n=1)
-            hint = f" Did you mean '{close[0]}'?" if close else ""
-            raise UserError(f"Unknown federation-config key '{key}'.{hint} Allowed: {', '.join(FEDERATION_KEYS)}.")
+            hint = did_you_mean(str(key), FEDERATION_KEYS)
+            raise UserError(f"Unknown federation-config key {str(key)!r}.{hint} Allowed: {', '.join(FEDERATION_KEYS)}.")
     federation = {
         "num-supernodes": DEFAULT_HOSPITALS,
         "client-resources-num-cpus": DEFAULT_CPUS_PER_HOSPITAL,

@@ -82,17 +82,7 @@ class Hospital:
         """
         from privacy.plan import plan_sample_level  # Opacus loads lazily: 0.7 s
 
-        t, p = self.config.train, self.config.privacy
-        return plan_sample_level(
-            n_train=len(self.data("train")[0]),
-            batch_size=t.batch_size,
-            local_epochs=t.local_epochs,
-            num_rounds=t.num_server_rounds,
-            target_epsilon=p.target_epsilon,
-            delta=p.delta,
-            noise_multiplier=p.noise_multiplier,
-            calibrate=p.calibrate_noise,
-        )
+        return plan_sample_level(**self.config.dp_plan_inputs(len(self.data("train")[0])))
 
     def projected_epsilon(self, ledger: PrivacyLedger, server_round: int) -> float:
         """Epsilon (RDP) this hospital would have after taking ``server_round`` as planned."""

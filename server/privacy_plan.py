@@ -28,16 +28,7 @@ def check_privacy_plan(config: FedscanConfig, num_hospitals: int) -> None:
     for spec in make_federation(config.world, num_hospitals):
         n = split_sizes(config.world, spec)["train"]
         try:
-            plan = plan_sample_level(
-                n_train=n,
-                batch_size=t.batch_size,
-                local_epochs=t.local_epochs,
-                num_rounds=t.num_server_rounds,
-                target_epsilon=p.target_epsilon,
-                delta=p.delta,
-                noise_multiplier=p.noise_multiplier,
-                calibrate=p.calibrate_noise,
-            )
+            plan = plan_sample_level(**config.dp_plan_inputs(n))
         except ValueError as err:
             q, steps = sample_rate(n, t.batch_size), t.local_epochs * steps_per_epoch(n, t.batch_size)
             raise ConfigError(

@@ -187,6 +187,21 @@ class FedscanConfig:
         """Plain, JSON-serialisable form (for ``config.json``)."""
         return asdict(self)
 
+    def dp_plan_inputs(self, n_train: int) -> dict[str, Any]:
+        """The keyword arguments of :func:`privacy.plan.plan_sample_level` for a hospital with
+        ``n_train`` train patients (the hospital and the server's pre-flight plan alike)."""
+        t, p = self.train, self.privacy
+        return {
+            "n_train": n_train,
+            "batch_size": t.batch_size,
+            "local_epochs": t.local_epochs,
+            "num_rounds": t.num_server_rounds,
+            "target_epsilon": p.target_epsilon,
+            "delta": p.delta,
+            "noise_multiplier": p.noise_multiplier,
+            "calibrate": p.calibrate_noise,
+        }
+
     def binding(self, num_hospitals: int) -> dict[str, Any]:
         """Everything that shapes the run's numbers, as a flat ``{run-config key: value}``.
 

@@ -43,6 +43,13 @@ class FailureLog:
         with self.path.open("a", newline="") as fh:
             csv.writer(fh).writerows(out)
 
+    def summary(self) -> str:
+        """``"crash 3, corrupt 1"``: rows per kind, or ``"none"``."""
+        counts: dict[str, int] = {}
+        for row in self.rows:
+            counts[str(row[3])] = counts.get(str(row[3]), 0) + 1
+        return ", ".join(f"{kind} {n}" for kind, n in sorted(counts.items())) or "none"
+
     def restore(self, rows: list[list[object]]) -> None:
         """Continue a resumed run: the rows written before."""
         self.add([Failure(*row) for row in rows])  # type: ignore[arg-type]

@@ -156,6 +156,7 @@ def main(grid: Grid, context: Context) -> None:
             "seed": config.seed,
             "classes": ", ".join(classes[1:]),
             "resumed from": str(resume.source_run_dir) if resume else "-",
+            "replies rejected (failures.csv)": failures.summary(),
             "training wall time (s)": f"{time.monotonic() - started:.1f}",
         },
     )

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import csv
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +13,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from server.checkpointing import binding_mismatch
 from server.driver import check_update
+from server.failures import Failure, FailureLog
 from sims.config import config_from_run_config
 from sims.faults import CORRUPTIONS, corrupt_arrays
 
@@ -70,3 +73,17 @@ def test_binding_mismatch_names_the_setting_and_both_values() -> None:
         "it was written with num-supernodes = 4, and this run has num-supernodes = 6"
     )
     assert binding_mismatch(a.binding(4), b.binding(4)) == "it was written with lr = 0.003, and this run has lr = 0.01"
+
+
+def test_failure_log_writes_every_row_and_sums_them_up(tmp_path: Path) -> None:
+    log = FailureLog(tmp_path)
+
+    log.add([Failure(1, 0, "train", "crash", "hospital 0 crashed"), Failure(1, 2, "train", "corrupt", "NaN, \"x\"")])
+    log.add([Failure(2, 0, "evaluate", "late", "no reply within 5 s")])
+
+    rows = list(csv.reader((tmp_path / "failures.csv").open()))
+    assert rows[0] == ["round", "site", "phase", "kind", "reason"]
+    assert rows[2] == ["1", "2", "train", "corrupt", 'NaN, "x"'] and len(rows) == 4
+    assert log.summary() == "corrupt 1, crash 1, late 1"
+    (tmp_path / "other").mkdir()
+    assert FailureLog(tmp_path / "other").summary() == "none"

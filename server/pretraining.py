@@ -6,11 +6,9 @@ import numpy as np
 import torch
 
 from sims.config import FedscanConfig
-from sims.hospitals import load_hospital, make_public_cohort
+from sims.hospitals import PUBLIC_SCANNERS, load_hospital, make_public_cohort
 from sims.seeding import make_torch_generator
 from sims.training import train_one_round
-
-PUBLIC_COHORTS = 5  # a perfect scanner and one simulated scanner of each archetype, 200 patients each
 
 
 def pretrain_on_public_data(model: torch.nn.Module, config: FedscanConfig) -> float:
@@ -21,7 +19,7 @@ def pretrain_on_public_data(model: torch.nn.Module, config: FedscanConfig) -> fl
     hospital's patient is in them, so no hospital's privacy budget is touched.
     """
     parts = [load_hospital(config.world, make_public_cohort(config.world, index=k), config.cache_dir)["train"]
-             for k in range(PUBLIC_COHORTS)]
+             for k in range(PUBLIC_SCANNERS)]
     images = np.concatenate([p[0] for p in parts])
     labels = np.concatenate([p[1] for p in parts])
     t = config.train

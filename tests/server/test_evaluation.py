@@ -8,11 +8,10 @@ from flwr.app import ArrayRecord
 
 from server.evaluation import GlobalEvaluator
 from server.outputs import PUBLIC_SPLIT, MetricRow
-from server.pretraining import PUBLIC_COHORTS
 from sims.anatomy import class_names
 from sims.config import config_from_run_config
 from sims.evaluation import evaluate_segmentation
-from sims.hospitals import PUBLIC_SCANNERS, load_public_eval, make_federation
+from sims.hospitals import load_public_eval, make_federation
 from sims.model import make_model
 
 TINY = {"image-size": 32, "unet-channels": "8,16", "patients-per-hospital": 10, "server-eval-patients": 6}
@@ -64,6 +63,3 @@ def test_rows_are_global_public_and_scores_are_the_dice_on_the_public_set() -> N
     assert {(r.round, r.site, r.split) for r in rows} == {(2, "global", PUBLIC_SPLIT)}
     assert {r.metric: r.value for r in rows} == pytest.approx(expected)
 
-
-def test_public_set_uses_the_scanners_pretraining_uses() -> None:
-    assert PUBLIC_SCANNERS == PUBLIC_COHORTS

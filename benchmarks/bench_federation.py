@@ -27,7 +27,6 @@ import re
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -35,12 +34,14 @@ from typing import Any
 import pandas as pd
 import psutil
 
+from benchmarks.sampler import PeriodicSampler
+
 ROOT = Path(__file__).resolve().parents[1]
 ROUND_LINE = re.compile(r"\[ROUND (\d+)/(\d+)\]")
 FINISHED_LINE = re.compile(r"Strategy execution finished")
 
 
-class TreeMemory:
+class TreeMemory(PeriodicSampler):
     """Peaks of the summed RSS and PSS of a process and all its descendants, sampled.
 
     RSS counts shared pages (libtorch, mapped once per process) in every process, so its
@@ -48,36 +49,26 @@ class TreeMemory:
     """
 
     def __init__(self, pid: int, interval: float = 0.25) -> None:
-        self.pid, self.interval, self.peak, self.peak_pss = pid, interval, 0, 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        super().__init__(interval)
+        self.pid, self.peak, self.peak_pss = pid, 0, 0
 
-    def __enter__(self) -> TreeMemory:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
+    def sample(self) -> bool:
+        try:
+            root = psutil.Process(self.pid)
+            procs = [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return False
+        total = pss = 0
+        for p in procs:
             try:
-                root = psutil.Process(self.pid)
-                procs = [root, *root.children(recursive=True)]
-            except psutil.NoSuchProcess:
-                return
-            total = pss = 0
-            for p in procs:
-                try:
-                    info = p.memory_full_info()
-                    total += info.rss
-                    pss += getattr(info, "pss", info.rss)
-                except (psutil.NoSuchProcess, psutil.AccessDenied):
-                    pass
-            self.peak = max(self.peak, total)
-            self.peak_pss = max(self.peak_pss, pss)
-            self._stop.wait(self.interval)
+                info = p.memory_full_info()
+                total += info.rss
+                pss += getattr(info, "pss", info.rss)
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                pass
+        self.peak = max(self.peak, total)
+        self.peak_pss = max(self.peak_pss, pss)
+        return True
 
 
 def run_federated(hospitals: int, overrides: list[str]) -> dict[str, Any]:

@@ -35,35 +35,28 @@ import json
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import psutil
+
+from benchmarks.sampler import PeriodicSampler
 
 ROOT = Path(__file__).resolve().parents[1]
 FEDSCAN = Path(sys.executable).parent / "fedscan"
 SERVER_HOSTS = ("flwr-serverapp", "flwr-simulation")
 
 
-class ServerMemory:
+class ServerMemory(PeriodicSampler):
     """Peak RSS of the ServerApp's host process among the descendants of ``pid``."""
 
     def __init__(self, pid: int, interval: float = 0.2) -> None:
-        self.pid, self.interval = pid, interval
+        super().__init__(interval)
+        self.pid = pid
         self.peak = 0
         self.host = ""
         self.samples = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self) -> ServerMemory:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
+        self._proc: psutil.Process | None = None
 
     def _host(self) -> psutil.Process | None:
         try:
@@ -86,18 +79,16 @@ class ServerMemory:
                 return found[name]
         return None
 
-    def _run(self) -> None:
-        proc: psutil.Process | None = None
-        while not self._stop.is_set():
-            if proc is None or not proc.is_running():
-                proc = self._host()
-            if proc is not None:
-                try:
-                    self.peak = max(self.peak, proc.memory_info().rss)
-                    self.samples += 1
-                except psutil.NoSuchProcess:
-                    proc = None
-            self._stop.wait(self.interval)
+    def sample(self) -> bool:
+        if self._proc is None or not self._proc.is_running():
+            self._proc = self._host()
+        if self._proc is not None:
+            try:
+                self.peak = max(self.peak, self._proc.memory_info().rss)
+                self.samples += 1
+            except psutil.NoSuchProcess:
+                self._proc = None
+        return True
 
 
 def run_once(project: Path, hospitals: int, args: argparse.Namespace, work: Path) -> dict[str, object]:

@@ -127,13 +127,16 @@ def test_unusable_cache_folder_is_refused_before_any_run(tmp_path: Path) -> None
 
 
 @pytest.mark.e2e
-def test_budget_guard_stops_a_hospital_at_its_target_and_privacy_report_is_written(tmp_path: Path) -> None:
+def test_budget_guard_stops_a_hospital_at_its_target_and_a_straggler_still_spends(tmp_path: Path) -> None:
     # Fixed noise 1.88 at q = 8/28 and 8 steps a round gives epsilon 1.71, 2.42, 2.99
     # after rounds 1-3 (delta 1e-3): with a budget of 2.5 each hospital must sit out round 3.
+    # Seed 2 draws one fault: hospital 1 straggles in round 1 (trains, then replies after the
+    # 30 s deadline); the round goes on with hospital 0, and hospital 1's budget is spent.
     out_dir = tmp_path / "outputs"
     privacy = (
         "privacy.mode='both' privacy.target-epsilon=2.5 privacy.calibrate-noise=false "
-        "privacy.noise-multiplier=1.88 privacy.delta=1e-3 patients-per-hospital=40"
+        "privacy.noise-multiplier=1.88 privacy.delta=1e-3 patients-per-hospital=40 "
+        "seed=2 faults.straggle-rate=0.3 faults.round-timeout=30"
     )
 
     proc = _fedscan(
@@ -152,7 +155,7 @@ def test_budget_guard_stops_a_hospital_at_its_target_and_privacy_report_is_writt
     hospitals = privacy_csv[privacy_csv["site"] != "client-level"]
     assert len(hospitals) == 2 * 3
     assert (hospitals["epsilon_rdp"] <= 2.5).all()
-    for site in ("0", "1"):
+    for site in ("0", "1"):  # the straggler's late round 1 counts like the punctual one
         rows = hospitals[hospitals["site"] == site].set_index("round")
         assert rows.loc[[1, 2], "participated"].tolist() == [1, 1]
         assert rows.loc[3, "participated"] == 0 and rows.loc[3, "steps"] == 0
@@ -162,10 +165,18 @@ def test_budget_guard_stops_a_hospital_at_its_target_and_privacy_report_is_writt
         assert (rows["epsilon_prv"] <= rows["epsilon_rdp"]).all()
     client = privacy_csv[privacy_csv["site"] == "client-level"]
     assert client["round"].tolist() == [1, 2, 3] and client["epsilon_rdp"].is_monotonic_increasing
+    failures = pd.read_csv(run_dir / "failures.csv")
+    assert failures[["round", "site", "phase", "kind"]].values.tolist() == [
+        [1, 1, "train", "late"], [3, 0, "train", "budget"], [3, 1, "train", "budget"],
+    ]
+    assert failures["reason"].iloc[0] == "no reply within 30 s"
+    trained = pd.read_csv(run_dir / "metrics.csv", dtype={"site": str}).query("metric == 'steps' and site != 'global'")
+    # Client-level DP releases nothing from a round short of its sampled updates (round 1).
+    assert trained.groupby("round")["site"].apply(sorted).to_dict() == {2: ["0", "1"]}
+    assert "round 1: 1 of 2 sampled updates usable; client-level DP releases no update" in proc.stdout
     report = (run_dir / "privacy_report.md").read_text()
     assert "ran out of budget in round 3" in report
     assert "data:image/png;base64," in (run_dir / "privacy_report.html").read_text()
-
 
 
 # One federation that exercises everything a resume must restore: FedAdam's moments,
@@ -307,3 +318,4 @@ def test_faulty_sampled_run_is_reproducible_and_resumes_exactly_after_a_kill_and
     assert ckpt.read_bytes() == original  # nothing overwritten
     assert not any(other_keys.glob("hospital-*"))  # nothing written into a configured keyring
     assert _flower_processes() <= before
+

@@ -6,15 +6,23 @@ same plans with exactly the same sentence.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from sims.config import FedscanConfig
 
+if TYPE_CHECKING:
+    from server.checkpointing import ResumeState
 
-def preflight(config: FedscanConfig, num_hospitals: int) -> None:
+
+def preflight(config: FedscanConfig, num_hospitals: int) -> ResumeState | None:
     """Raise :class:`sims.config.ConfigError` if this run cannot go as configured.
 
     Checks that every hospital's privacy plan can be met, that the checkpoint to resume from
     (if any) exists, verifies with its keys and belongs to this config and federation size,
     and that a configured keyring holds the server's and every hospital's keys.
+
+    Returns the verified, decrypted state to resume from (``None`` for a fresh run), so the
+    ServerApp does not read and decrypt the checkpoint a second time.
     """
     if config.privacy.sample_level:
         from server.privacy_plan import check_privacy_plan  # Opacus, only when needed
@@ -25,9 +33,9 @@ def preflight(config: FedscanConfig, num_hospitals: int) -> None:
 
         check_client_privacy_plan(config, num_hospitals)
     if not (config.checkpoint.resume_from or config.checkpoint.keyring):
-        return
+        return None
     from server.checkpointing import check_configured_keyring, load_resume  # torch: only when needed
 
-    if config.checkpoint.resume_from:
-        load_resume(config, num_hospitals)
+    resume = load_resume(config, num_hospitals) if config.checkpoint.resume_from else None
     check_configured_keyring(config, num_hospitals)
+    return resume

@@ -12,7 +12,7 @@ from flwr.app import ArrayRecord, Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
-from server.checkpointing import ServerCheckpointer, key_root, load_resume, server_keyring, source_key_root
+from server.checkpointing import ServerCheckpointer, key_root, server_keyring, source_key_root
 from server.driver import run_rounds
 from server.evaluation import GlobalEvaluator
 from server.failures import FailureLog
@@ -55,8 +55,7 @@ def main(grid: Grid, context: Context) -> None:
     random.seed(derive_seed(config.seed, "server", "python-random"))
     np.random.seed(derive_seed(config.seed, "server", "numpy-global") % 2**32)
     num_hospitals = _wait_for_hospitals(grid)
-    preflight(config, num_hospitals)
-    resume = load_resume(config, num_hospitals) if config.checkpoint.resume_from else None
+    resume = preflight(config, num_hospitals)  # the verified checkpoint to resume from, if any
     specs = make_federation(config.world, num_hospitals)
     outputs = RunOutputs.create(config.output_dir, f"run{context.run_id}")
     outputs.write_config(

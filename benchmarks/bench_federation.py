@@ -32,43 +32,12 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import psutil
 
-from benchmarks.sampler import PeriodicSampler
+from common.sampling import TreeMemory
 
 ROOT = Path(__file__).resolve().parents[1]
 ROUND_LINE = re.compile(r"\[ROUND (\d+)/(\d+)\]")
 FINISHED_LINE = re.compile(r"Strategy execution finished")
-
-
-class TreeMemory(PeriodicSampler):
-    """Peaks of the summed RSS and PSS of a process and all its descendants, sampled.
-
-    RSS counts shared pages (libtorch, mapped once per process) in every process, so its
-    sum over-states; PSS splits each shared page between the processes that map it.
-    """
-
-    def __init__(self, pid: int, interval: float = 0.25) -> None:
-        super().__init__(interval)
-        self.pid, self.peak, self.peak_pss = pid, 0, 0
-
-    def sample(self) -> bool:
-        try:
-            root = psutil.Process(self.pid)
-            procs = [root, *root.children(recursive=True)]
-        except psutil.NoSuchProcess:
-            return False
-        total = pss = 0
-        for p in procs:
-            try:
-                info = p.memory_full_info()
-                total += info.rss
-                pss += getattr(info, "pss", info.rss)
-            except (psutil.NoSuchProcess, psutil.AccessDenied):
-                pass
-        self.peak = max(self.peak, total)
-        self.peak_pss = max(self.peak_pss, pss)
-        return True
 
 
 def run_federated(hospitals: int, overrides: list[str]) -> dict[str, Any]:

@@ -40,7 +40,7 @@ from pathlib import Path
 
 import psutil
 
-from benchmarks.sampler import PeriodicSampler
+from common.sampling import PeriodicSampler
 
 ROOT = Path(__file__).resolve().parents[1]
 FEDSCAN = Path(sys.executable).parent / "fedscan"

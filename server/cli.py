@@ -3,7 +3,8 @@
 ``fedscan run [flwr run options]`` validates the run, then runs it through
 :func:`server.launcher.launch` (a private SuperLink, the Flower 1.42 traps handled, every
 process stopped at the end) and prints the per-hospital result table; ``--dry-run``
-validates and prints the resolved configs without starting anything. ``fedscan keygen``
+validates and prints the resolved configs without starting anything. ``fedscan sweep
+SWEEP.toml`` runs a grid of such runs as Ray tasks (:mod:`server.sweep_runner`). ``fedscan keygen``
 and ``fedscan checkpoint verify|inspect|export`` manage keys and encrypted checkpoints.
 """
 
@@ -129,6 +130,28 @@ def command_run(
         print(summary.read_text())
     print(f"fedscan: run {result.run_id} completed in {result.wall_s:.1f} s; outputs in {result.run_dir}")
     return EXIT_OK
+
+
+def command_sweep(args: argparse.Namespace, cancel: threading.Event, received: Sequence[int]) -> int:
+    """Validate a sweep file (``--dry-run``: print its trials) or run it on Ray."""
+    from server.sweep_spec import load_sweep, trial_table
+
+    address = str(args.address)
+    if not (address in ("local", "auto") or address.startswith("ray://") or re.fullmatch(r"[\w.-]+:\d+", address)):
+        raise UserError(f"The '--address' option must be 'local', 'auto', 'ray://HOST:PORT' or HOST:PORT. "
+                        f"Got {address!r} instead.")
+    spec = load_sweep(args.file, project=args.project, timeout_s=args.timeout, max_parallel=args.max_parallel)
+    if received:
+        print("fedscan: interrupted; nothing was started.", file=sys.stderr)
+        return 128 + received[0]
+    if args.dry_run:
+        print(f"# fedscan sweep --dry-run: {len(spec.trials)} valid trials; nothing was started.")
+        print(f"# sweep folder: {spec.folder}; timeout {spec.timeout_s:g} s per trial")
+        print(trial_table(spec))
+        return EXIT_OK
+    from server.sweep_runner import run_sweep
+
+    return run_sweep(spec, address=address, resume=args.resume, cancel=cancel)
 
 
 def command_report(args: argparse.Namespace) -> int:
@@ -422,6 +445,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
                      help="stop the run (and every process it started) after this many seconds; exit code 124")
+    sweep = sub.add_parser(
+        "sweep",
+        help="run a grid of fedscan runs as Ray tasks, each a process-isolated run; one combined report",
+        description="Expand and validate SWEEP.toml, then run every trial as a Ray task (each one a "
+        "process-isolated fedscan run) and write results.csv, trials.jsonl and sweep_report.md/.html "
+        "into the sweep folder.",
+    )
+    sweep.add_argument("file", metavar="SWEEP.toml", help="the sweep file (see sweeps/)")
+    sweep.add_argument("--address", default="local",
+                       help="'local' (default: a private Ray on this machine), 'auto', HOST:PORT or "
+                       "ray://HOST:PORT (an existing cluster)")
+    sweep.add_argument("--max-parallel", type=int, default=None, metavar="N",
+                       help="at most N trials at once (default: [sweep] max-parallel, else as many as fit)")
+    sweep.add_argument("--resume", action="store_true",
+                       help="keep the trials that completed, rerun the rest")
+    sweep.add_argument("--dry-run", action="store_true", help="validate every trial and print the trial table")
+    sweep.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+                       help="wall-clock limit per trial (default: [sweep] timeout, else 3600)")
+    sweep.add_argument("--project", default=".", help="the fedscan project folder (default: .)")
     report = sub.add_parser(
         "report",
         help="rebuild a run's privacy-budget report",
@@ -480,6 +522,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             cancel = threading.Event()
             with stop_signals(cancel) as received:
                 return command_run(args, passthrough, cancel, received)
+        if args.command == "sweep":
+            cancel = threading.Event()
+            with stop_signals(cancel) as received:
+                return command_sweep(args, cancel, received)
         if args.command == "report":
             return command_report(args)
         if args.command == "keygen":

@@ -396,18 +396,35 @@ def stage_app(project: Path, stage: Path) -> Path:
     """
     if stage.exists():
         shutil.rmtree(stage)
-    for name in APP_FILES:
-        if (project / name).is_file():
-            (stage / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(project / name, stage / name)
-    for package in APP_PACKAGES:
-        for src in (project / package).rglob("*.py"):
-            if "__pycache__" in src.parts:
-                continue
-            dst = stage / src.relative_to(project)
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dst)
+    for relative in app_files(project):
+        dst = stage / relative
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(project / relative, dst)
     return stage
+
+
+def app_files(project: Path) -> list[Path]:
+    """The app's files, relative to ``project``: the packages' ``*.py`` and ``pyproject.toml``, sorted."""
+    files = [Path(name) for name in APP_FILES if (project / name).is_file()]
+    for package in APP_PACKAGES:
+        files += [src.relative_to(project) for src in (project / package).rglob("*.py")
+                  if "__pycache__" not in src.parts]
+    return sorted(files)
+
+
+def code_digest(project: Path) -> str:
+    """SHA-256 over the app's code and ``pyproject.toml`` (its defaults): what a run executes.
+
+    The README is left out (it changes no result). Two nodes with the same digest run the
+    same code.
+    """
+    digest = hashlib.sha256()
+    for relative in app_files(project):
+        if relative.name == "README.md":
+            continue
+        digest.update(str(relative).encode() + b"\0")
+        digest.update((project / relative).read_bytes() + b"\0")
+    return digest.hexdigest()
 
 
 # --------------------------------------------------------------------------- #
@@ -743,6 +760,8 @@ def launch(
     extra_args: Sequence[str] = (),
     cancel: threading.Event | None = None,
     grace: float = 3.0,
+    launch_id: str | None = None,
+    env_base: Mapping[str, str] | None = None,
 ) -> RunResult:
     """Run one fedscan simulation on a private SuperLink and stop everything it started.
 
@@ -772,6 +791,13 @@ def launch(
         Set it (from any thread) to stop the launch (exit code 130).
     grace : float
         Seconds between SIGTERM and SIGKILL when stopping.
+    launch_id : str, optional
+        The id tagging every process of the launch (``FEDSCAN_LAUNCH_ID``); a fresh one by
+        default. A caller that may need to stop the launch from outside (the sweep runner)
+        picks it.
+    env_base : mapping, optional
+        The environment to start from instead of ``os.environ`` (a Ray worker's carries
+        ``RAY_*`` and ``OMP_NUM_THREADS`` values that must not reach the run).
 
     Returns
     -------
@@ -794,9 +820,10 @@ def launch(
     plan = run_config if isinstance(run_config, LaunchPlan) else prepare(
         run_config, federation_config, project=Path(project)
     )
-    launch_id = new_launch_id()
+    launch_id = launch_id or new_launch_id()
     folder = Path(home) if home is not None else plan.project / ".flwr" / "launches" / launch_id
-    env = flower_env(plan.project, launch_id=launch_id, flwr_home=folder / "flwr", env_overrides=env_overrides)
+    env = flower_env(plan.project, launch_id=launch_id, flwr_home=folder / "flwr", env_overrides=env_overrides,
+                     base=env_base)
     become_subreaper()
     sweeper = ProcessSweeper(launch_id)
     cancel = cancel or threading.Event()
@@ -834,7 +861,7 @@ def launch(
                         break
                     if attempt < 2:
                         env.update(flower_env(plan.project, launch_id=launch_id, flwr_home=folder / "flwr",
-                                              env_overrides=env_overrides))
+                                              env_overrides=env_overrides, base=env_base))
                 finally:
                     if superlink.process is not None:
                         sweeper.add_root(superlink.process.pid)

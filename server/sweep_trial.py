@@ -18,6 +18,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import socket
 import threading
 import time
@@ -28,6 +29,7 @@ from typing import Any
 OBJECT_STORE_BYTES = 256 * 1024**2
 """Object-store cap of each trial's own Flower Ray (a local Ray otherwise reserves 30% of RAM)."""
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 DROPPED_ENV = ("OMP_NUM_THREADS", "PYTHONBREAKPOINT")
 LOG_TAIL = 60
 
@@ -148,7 +150,7 @@ def run_trial(payload: Mapping[str, Any], cancel: threading.Event | None = None)
     if isinstance(result, BaseException):
         return ended(STATUS_ERROR, 1, f"{type(result).__name__}: {result}")
 
-    base["log_tail"] = result.log_tail[-LOG_TAIL:]
+    base["log_tail"] = [_ANSI.sub("", line) for line in result.log_tail[-LOG_TAIL:]]
     if result.run_dir is not None:
         base["run_dir"] = str(result.run_dir)
         base["config"] = _json(result.run_dir / "config.json")
@@ -164,10 +166,12 @@ def run_trial(payload: Mapping[str, Any], cancel: threading.Event | None = None)
 
 
 def _error_line(status: str, tail: list[str]) -> str:
-    """The run's status and, when the log has one, its last error line."""
-    errors = [line.strip() for line in tail if "Error" in line or "ERROR" in line]
-    last = errors[-1] if errors else ""
-    return f"{status}; {last}" if last else status
+    """The run's status; when it names no exception, also the log's last error line."""
+    if "exception" in status.lower():
+        return status
+    errors = [_ANSI.sub("", line).strip() for line in tail if "Error" in line or "ERROR" in line]
+    errors = [line for line in errors if "Exit Code" not in line]
+    return f"{status}; {errors[-1]}" if errors else status
 
 
 def _stamp(t: float) -> str:

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
+from matplotlib.ticker import LogLocator, MaxNLocator, StrMethodFormatter
 
 from privacy.events import CLIENT_LEVEL
 from privacy.report import (
@@ -82,11 +82,12 @@ CELL_STATS = (
 
 # Terminal colour codes and other control characters in captured logs (Flower colours its log).
 _CONTROL = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|[\x00-\x08\x0b-\x1f\x7f]")
-_NON_PRIVATE: dict[str, Any] = {"linestyle": "--", "linewidth": 1.3}
+_OFF: dict[str, Any] = {"linestyle": "--", "linewidth": 1.3}
 _NO_SAMPLE_DP: dict[str, Any] = {"linestyle": ":", "linewidth": 1.5}
 _EXTRA_CSS = """
 pre { background: #f6f6f6; padding: 0.5rem; overflow-x: auto; font-size: 0.8rem; line-height: 1.3; }
 details { margin: 0.5rem 0 1rem; } summary { cursor: pointer; color: #444; }
+body { max-width: 90rem; } td { white-space: nowrap; } td:last-child { white-space: normal; }
 table { display: block; overflow-x: auto; max-width: 100%; }
 """.strip()
 
@@ -186,7 +187,8 @@ def _load_info(path: Path) -> dict[str, Any]:
             raise bad(key, "a list without repeats", value)
     info.setdefault("seed_key", None)
     if info["seed_key"] is not None and info["seed_key"] not in info["swept_keys"]:
-        raise bad("seed_key", f"null or one of the swept keys {_quoted(info['swept_keys'])}", info["seed_key"])
+        rule = f"null or one of the swept keys {_quoted(info['swept_keys'])}"
+        raise bad("seed_key", rule, info["seed_key"])
     info["name"] = str(info.get("name") or path.parent.name)
     return info
 
@@ -235,13 +237,19 @@ def _load_results(path: Path, swept: tuple[str, ...], trial_ids: tuple[str, ...]
             values.append(float(text) if text else math.nan)
         except ValueError:
             raise _bad(path, "value", line, "a number, 'inf' or empty", text) from None
+    def strings(column: str) -> pd.Series:
+        return pd.Series([v for _, v in _cells(raw, column)], dtype=object)
+
+    rounds = [_parse_count(path, "round", line, v) for line, v in _cells(raw, "round")]
+    sites = [str(int(v)) if v.isdigit() else v for v in strings("site")]
+    # Explicit dtypes: a header-only file (no trial finished yet) must give the same column types.
     frame = pd.DataFrame(
         {
-            "trial": [v for _, v in _cells(raw, "trial")],
-            "round": [_parse_count(path, "round", line, v) for line, v in _cells(raw, "round")],
-            "site": [str(int(v)) if v.isdigit() else v for _, v in _cells(raw, "site")],
-            "split": [v for _, v in _cells(raw, "split")],
-            "metric": [v for _, v in _cells(raw, "metric")],
+            "trial": strings("trial"),
+            "round": pd.Series(rounds, dtype="int64"),
+            "site": pd.Series(sites, dtype=object),
+            "split": strings("split"),
+            "metric": strings("metric"),
             "value": pd.Series(values, dtype="float64"),
         }
     )
@@ -263,27 +271,27 @@ def trial_table(data: SweepData) -> pd.DataFrame:
     has none) and ``client_epsilon`` (``epsilon_rdp`` of the client-level accountant's last round).
     """
     by_trial = dict(tuple(data.results.groupby("trial", sort=False)))
-    empty = data.results.iloc[0:0]
     rows = []
     for trial in data.trial_ids:
         record = data.trials.get(trial)
-        results = by_trial.get(trial, empty)
+        results = by_trial.get(trial, data.results.iloc[0:0])
         privacy = results[(results["split"] == "privacy") & (results["metric"] == "epsilon_rdp")]
-        hospitals = privacy[privacy["site"].str.isdigit()].sort_values("round")
-        client = privacy[privacy["site"] == CLIENT_LEVEL].sort_values("round")
+        privacy = privacy.sort_values("round", kind="stable")
+        last = privacy.drop_duplicates("site", keep="last")  # each site's last privacy round
         swept = record["swept"] if record else {}
+        config = record.get("config") if record else None
         rows.append(
             {
                 "trial": trial,
                 "status": record["status"] if record else NOT_REPORTED,
                 "cell": tuple(swept[k] for k in data.cell_keys) if record else None,
                 "seed": swept.get(data.seed_key) if data.seed_key else None,
-                "strategy": str((record or {}).get("config", {}).get("strategy", "unknown")),
-                "dice_test": _final(results, "test"),
-                "dice_public": _final(results, "public"),
+                "strategy": str(config.get("strategy", "unknown")) if isinstance(config, dict) else "unknown",
+                "dice_test": _final_dice(results, "test"),
+                "dice_public": _final_dice(results, "public"),
                 "private": bool((results["split"] == "privacy").any()),
-                "epsilon": _worst(hospitals.drop_duplicates("site", keep="last")["value"].tolist()),
-                "client_epsilon": float(client["value"].iloc[-1]) if len(client) else math.nan,
+                "epsilon": _worst(last.loc[last["site"].str.isdigit(), "value"].tolist()),
+                "client_epsilon": _worst(last.loc[last["site"] == CLIENT_LEVEL, "value"].tolist()),
             }
         )
     return pd.DataFrame(rows).set_index("trial")
@@ -292,27 +300,31 @@ def trial_table(data: SweepData) -> pd.DataFrame:
 def cell_table(data: SweepData) -> pd.DataFrame:
     """Per-cell aggregates over the completed seeds, one row per cell in sweep order.
 
-    Columns: one per cell key (typed swept values), then :data:`CELL_STATS`: ``n_completed``;
-    ``n_expected`` (the cell's trials, or, when seeds are swept, the sweep's seeds if more);
-    ``n_failed``; ``missing_seeds`` (seeds of the sweep with no trial record in this cell);
-    ``private`` (any completed trial has privacy rows); ``*_mean`` / ``*_std`` (sample std,
-    ddof = 1, NaN for one value) of the final global test and public Dice and of the trials'
-    worst-case ε (``inf`` when any seed's is), ``epsilon_max`` (max over seeds), the same three
-    for client-level ε; ``flag``: why the cell is short of seeds ("" when it is not).
+    Columns: one per cell key (typed swept values), then :data:`CELL_STATS` (``strategy``, from the
+    run config, only when it is not swept): ``n_completed``; ``n_expected`` (the cell's trials, or,
+    when seeds are swept, the sweep's seeds if more); ``n_failed``; ``missing_seeds`` (seeds of the
+    sweep with no trial of this cell in ``trials.jsonl``); ``private`` (a completed trial has
+    privacy rows); ``*_mean`` / ``*_std`` (sample std, ddof = 1, NaN for one value) of the final
+    global test and public Dice and of the trials' worst-case ε (``inf`` when a seed's is),
+    ``epsilon_max`` (max over seeds), the same three for client-level ε; ``flag``: why the cell is
+    short of seeds ("" when it is not).
     """
-    trials = trial_table(data)
+    return _aggregate(data, trial_table(data))
+
+
+def _aggregate(data: SweepData, trials: pd.DataFrame) -> pd.DataFrame:
     reported = trials[trials["status"] != NOT_REPORTED]
+    # Seeds are swept as a grid: a cell without one of the sweep's seeds is short of it.
     all_seeds = _unique(reported["seed"]) if data.seed_key else []
     rows = []
     for cell in _unique(reported["cell"]):
-        members = reported[reported["cell"] == cell]
+        members = reported[[c == cell for c in reported["cell"]]]
         done = members[members["status"] == COMPLETED]
         failed = members[members["status"] != COMPLETED]
-        missing = [s for s in all_seeds if s not in set(members["seed"])]
-        flags = [
-            (f"seed {_fmt_value(t.seed)} " if data.seed_key else "") + str(t.status)
-            for t in failed.itertuples()
-        ] + [f"seed {_fmt_value(s)} missing" for s in missing]
+        missing = [s for s in all_seeds if s not in members["seed"].tolist()]
+        seed_word = (lambda s: f"seed {_fmt_value(s)} ") if data.seed_key else (lambda s: "")
+        flags = [seed_word(t.seed) + str(t.status) for t in failed.itertuples()]
+        flags += [f"seed {_fmt_value(s)} missing" for s in missing]
         stats: dict[str, Any] = {
             "strategy": members["strategy"].iloc[0],
             "n_completed": len(done),
@@ -326,27 +338,33 @@ def cell_table(data: SweepData) -> pd.DataFrame:
             stats[f"{name}_mean"], stats[f"{name}_std"] = _mean_std(done[name])
         stats["epsilon_max"] = _worst(done["epsilon"].tolist())
         stats["client_epsilon_max"] = _worst(done["client_epsilon"].tolist())
-        rows.append({**dict(zip(data.cell_keys, cell, strict=True)), **stats})
-    return pd.DataFrame(rows, columns=[*data.cell_keys, *CELL_STATS])
+        rows.append({**stats, **dict(zip(data.cell_keys, cell, strict=True))})
+    # A swept "strategy" is a cell column already (and the same as the config's).
+    columns = [*data.cell_keys, *(c for c in CELL_STATS if c not in data.cell_keys)]
+    return pd.DataFrame(rows, columns=columns)
 
 
-def _final(results: pd.DataFrame, split: str) -> float:
+def _global_dice(results: pd.DataFrame, split: str) -> pd.DataFrame:
+    """The rows of the global model's ``dice_mean`` on ``split``."""
+    chosen = (results["site"] == "global") & (results["split"] == split) & (results["metric"] == "dice_mean")
+    return results[chosen]
+
+
+def _final_dice(results: pd.DataFrame, split: str) -> float:
     """Global ``dice_mean`` on ``split`` at the last round that has it; NaN if none."""
-    rows = results[(results["site"] == "global") & (results["split"] == split)]
-    rows = rows[rows["metric"] == "dice_mean"].sort_values("round")
+    rows = _global_dice(results, split).sort_values("round", kind="stable")
     return float(rows["value"].iloc[-1]) if len(rows) else math.nan
 
 
 def _mean_std(values: pd.Series) -> tuple[float, float]:
     """Mean and sample std (ddof = 1) ignoring NaN; ``(inf, nan)`` if any value is infinite."""
-    finite_or_inf = values.to_numpy(dtype=float)
-    finite_or_inf = finite_or_inf[~np.isnan(finite_or_inf)]
-    if finite_or_inf.size == 0:
+    array = values.to_numpy(dtype=float)
+    array = array[~np.isnan(array)]
+    if array.size == 0:
         return math.nan, math.nan
-    if np.isinf(finite_or_inf).any():
+    if np.isinf(array).any():
         return math.inf, math.nan
-    std = float(np.std(finite_or_inf, ddof=1)) if finite_or_inf.size > 1 else math.nan
-    return float(np.mean(finite_or_inf)), std
+    return float(np.mean(array)), float(np.std(array, ddof=1)) if array.size > 1 else math.nan
 
 
 def _unique(values: pd.Series) -> list[Any]:
@@ -358,14 +376,10 @@ def _unique(values: pd.Series) -> list[Any]:
     return seen
 
 
-def _learning_curves(data: SweepData, cells: pd.DataFrame) -> dict[int, pd.Series]:
-    """Per cell (row position in ``cells``): global test ``dice_mean`` per round, mean over completed seeds."""
-    trials = trial_table(data)
+def _learning_curves(data: SweepData, trials: pd.DataFrame, cells: pd.DataFrame) -> dict[int, pd.Series]:
+    """Global test ``dice_mean`` per round, mean over completed seeds, by row position in ``cells``."""
     done = trials[trials["status"] == COMPLETED]
-    dice = data.results[
-        (data.results["site"] == "global") & (data.results["split"] == "test")
-        & (data.results["metric"] == "dice_mean")
-    ]  # fmt: skip
+    dice = _global_dice(data.results, "test")
     curves = {}
     for position, cell in enumerate(cells[list(data.cell_keys)].itertuples(index=False, name=None)):
         members = done.index[[c == cell for c in done["cell"]]]
@@ -393,7 +407,7 @@ def build_sweep_report(sweep_dir: str | Path) -> tuple[Path, Path]:
     """
     data = load_sweep(sweep_dir)
     blocks = _report_blocks(data)
-    for name in (DICE_EPSILON_PNG, DICE_ROUNDS_PNG):  # a plot of an earlier build may not apply any more
+    for name in (DICE_EPSILON_PNG, DICE_ROUNDS_PNG):  # a plot of an earlier build may not apply now
         (data.sweep_dir / name).unlink(missing_ok=True)
     for block in blocks:
         if isinstance(block, _Figure):
@@ -413,33 +427,32 @@ class _LogTail:
 
 
 def _render(blocks: list[_Block | _LogTail], *, title: str) -> tuple[str, str]:
-    """Markdown and HTML of ``blocks``, with privacy.report's renderers and a log-tail block of our own."""
-    tokens: dict[str, _LogTail] = {}
+    """Markdown and HTML of ``blocks``: privacy.report's renderers, plus the log tails of our own."""
+    tails: dict[str, _LogTail] = {}
     plain: list[_Block] = []
     for block in blocks:
         if isinstance(block, _LogTail):
-            token = f"\x00log-tail-{len(tokens)}\x00"  # control characters are stripped from logs
-            tokens[token] = block
-            plain.append(_Paragraph(token))
-        else:
-            plain.append(block)
+            token = f"\x00log-tail-{len(tails)}\x00"  # no log line holds it: control characters are stripped
+            tails[token] = block
+            block = _Paragraph(token)
+        plain.append(block)
     markdown = _render_markdown(plain)
     page = _render_html(plain, title=title).replace("</style>", f"{_EXTRA_CSS}\n</style>", 1)
-    for token, tail in tokens.items():
-        text = "\n".join(tail.lines) if tail.lines else "(no log lines recorded)"
-        fence = "`" * max(3, 1 + max((len(m) for m in re.findall(r"`+", text)), default=0))
+    for token, tail in tails.items():
+        text = "\n".join(tail.lines) or "(no log lines recorded)"
+        fence = "`" * max(3, 1 + max(map(len, re.findall(r"`+", text)), default=0))
         markdown = markdown.replace(token, f"{fence}text\n{text}\n{fence}")
         summary = f"last {len(tail.lines)} log line{'' if len(tail.lines) == 1 else 's'}"
-        escaped = html.escape(text, quote=False)
-        page = page.replace(f"<p>{token}</p>", f"<details><summary>{summary}</summary><pre>{escaped}</pre></details>")
+        body = html.escape(text, quote=False)
+        details = f"<details><summary>{summary}</summary><pre>{body}</pre></details>"
+        page = page.replace(f"<p>{token}</p>", details)
     return markdown, page
 
 
 def _report_blocks(data: SweepData) -> list[_Block | _LogTail]:
     trials = trial_table(data)
-    cells = cell_table(data)
-    counts = trials["status"].value_counts()
-    status_words = ", ".join(f"{n} {s}" for s, n in sorted(counts.items(), key=lambda i: (i[0] != COMPLETED, i[0])))
+    cells = _aggregate(data, trials)
+    counts = sorted(trials["status"].value_counts().items(), key=lambda c: (c[0] != COMPLETED, c[0]))
     strategies = _unique(trials.loc[trials["status"] != NOT_REPORTED, "strategy"])
     info = data.info
     blocks: list[_Block | _LogTail] = [
@@ -450,7 +463,8 @@ def _report_blocks(data: SweepData) -> list[_Block | _LogTail]:
                 f"**swept keys**: {', '.join(data.swept_keys) or 'none'}",
                 f"**seed key**: {data.seed_key or 'none (each trial is its own cell)'}",
                 f"**strategies**: {', '.join(strategies) or 'none recorded'}",
-                f"**trials**: {len(trials)} ({status_words}); **cells**: {len(cells)}",
+                f"**trials**: {len(trials)} ({', '.join(f'{n} {s}' for s, n in counts)}); "
+                f"**cells**: {len(cells)}",
                 f"**Ray address**: {info.get('address', 'not recorded')}",
                 f"**code digest**: {info.get('code_digest', 'not recorded')}",
                 f"**started at**: {info.get('started_at', 'not recorded')}",
@@ -467,7 +481,7 @@ def _report_blocks(data: SweepData) -> list[_Block | _LogTail]:
         )
     blocks += _cell_blocks(data, cells)
     blocks += _dice_epsilon_blocks(data, cells)
-    blocks += _rounds_blocks(data, cells)
+    blocks += _rounds_blocks(data, trials, cells)
     blocks += _trial_blocks(data, trials)
     blocks += _failure_blocks(data, trials)
     return blocks
@@ -483,77 +497,81 @@ def _cell_blocks(data: SweepData, cells: pd.DataFrame) -> list[_Block | _LogTail
             f"Mean ± sample standard deviation {over} (– with one seed). **Dice**: the global model's "
             "`dice_mean` at the trial's last round, on the pooled test patients and on the server's public "
             "set. **ε**: per trial, the worst case over hospitals (the maximum of each hospital's "
-            "cumulative RDP ε), never averaged across hospitals; the cell shows its mean ± std and its "
-            "maximum over seeds. Client-level ε (DP-FedAvg) protects a whole hospital and is not added. "
-            "Highlighted rows are short of completed seeds."
+            "cumulative RDP ε), never averaged across hospitals; the cell shows its mean ± std and, in "
+            "brackets, its maximum over seeds. Client-level ε (DP-FedAvg) protects a whole hospital and is "
+            "not added. Highlighted rows are short of completed seeds."
         )
     )
     show_client = bool(cells["client_epsilon_max"].notna().any())
-    header = [*data.cell_keys, "completed", "test Dice", "public Dice", "worst-case ε", "max ε"]
-    header += ["client-level ε (max)"] * show_client + ["missing / failed"]
+    header = [*data.cell_keys, "seeds done" if data.seed_key else "done", "test Dice", "public Dice"]
+    header += ["worst-case ε (max over seeds)", *["client-level ε (max)"] * show_client, "short of seeds"]
+    records = cells.to_dict("records")
     rows = []
-    for cell in cells.to_dict("records"):
-        row = [_fmt_value(cell[k]) for k in data.cell_keys]
-        row += [f"{cell['n_completed']}/{cell['n_expected']}"]
-        row += [_fmt_mean_std(cell["dice_test_mean"], cell["dice_test_std"])]
-        row += [_fmt_mean_std(cell["dice_public_mean"], cell["dice_public_std"])]
+    for cell in records:
         if not cell["private"] and cell["n_completed"]:
-            row += ["non-private", "non-private"]
+            epsilon = "non-private"
+        elif math.isfinite(cell["epsilon_mean"]):
+            spread = _fmt_mean_std(cell["epsilon_mean"], cell["epsilon_std"], eps=True)
+            epsilon = f"{spread} ({_fmt_eps(cell['epsilon_max'])})"
         else:
-            row += [_fmt_mean_std(cell["epsilon_mean"], cell["epsilon_std"], eps=True)]
-            row += [_fmt_eps(cell["epsilon_max"])]
-        row += [_fmt_eps(cell["client_epsilon_max"])] * show_client + [cell["flag"] or "–"]
-        rows.append(tuple(row))
-    flagged = frozenset(i for i, c in enumerate(cells.to_dict("records")) if c["flag"])
-    blocks.append(_Table(tuple(header), tuple(rows), emphasise=flagged))
-    return blocks
-
-
-def _series_keys(data: SweepData) -> list[str]:
-    """Swept keys that tell the lines of a Dice-vs-ε panel apart: not seed, strategy or privacy keys."""
-    return [k for k in data.cell_keys if k != "strategy" and not k.startswith("privacy.")]
+            epsilon = _fmt_eps(cell["epsilon_mean"])
+        rows.append(
+            (
+                *(_fmt_value(cell[k]) for k in data.cell_keys),
+                f"{cell['n_completed']}/{cell['n_expected']}",
+                _fmt_mean_std(cell["dice_test_mean"], cell["dice_test_std"]),
+                _fmt_mean_std(cell["dice_public_mean"], cell["dice_public_std"]),
+                epsilon,
+                *[_fmt_eps(cell["client_epsilon_max"])] * show_client,
+                cell["flag"] or "–",
+            )
+        )
+    flagged = frozenset(i for i, cell in enumerate(records) if cell["flag"])
+    return [*blocks, _Table(tuple(header), tuple(rows), emphasise=flagged)]
 
 
 def _dice_epsilon_blocks(data: SweepData, cells: pd.DataFrame) -> list[_Block | _LogTail]:
     blocks: list[_Block | _LogTail] = [_Heading(2, "Dice against worst-case ε")]
-    finite = cells[np.isfinite(cells["epsilon_mean"].to_numpy(dtype=float)) & cells["dice_test_mean"].notna()]
-    if finite.empty:
-        return [*blocks, _Paragraph("The sweep has no completed trial with sample-level DP (finite ε): no plot.")]
-    series = _series_keys(data)
+    if not (np.isfinite(cells["epsilon_mean"].to_numpy(dtype=float)) & cells["dice_test_mean"].notna()).any():
+        sentence = "The sweep has no completed trial with sample-level DP (finite ε): no plot."
+        return [*blocks, _Paragraph(sentence)]
+    # One line per combination of the other swept keys; privacy keys move along the line.
+    series = [k for k in data.cell_keys if k != "strategy" and not k.startswith("privacy.")]
     caption = (
         "Final global test Dice (mean ± std over seeds) against the cell's mean worst-case ε (log scale), "
-        f"one panel per strategy, one line per {', '.join(series) if series else 'sweep'}; dashed: "
-        "non-private cells; dotted: cells without sample-level DP (ε = ∞)."
+        "one panel per strategy" + (f", one line per {', '.join(series)}" if series else "")
+        + "; dashed: non-private cells; dotted: cells without sample-level DP (ε = ∞)."
     )
     png = _dice_epsilon_figure(cells, series)
     return [*blocks, _Figure(DICE_EPSILON_PNG, png, "final Dice against worst-case epsilon", caption)]
 
 
-def _rounds_blocks(data: SweepData, cells: pd.DataFrame) -> list[_Block | _LogTail]:
+def _rounds_blocks(data: SweepData, trials: pd.DataFrame, cells: pd.DataFrame) -> list[_Block | _LogTail]:
     blocks: list[_Block | _LogTail] = [_Heading(2, "Dice against rounds")]
-    curves = _learning_curves(data, cells)
+    curves = _learning_curves(data, trials, cells)
     if not curves:
         return [*blocks, _Paragraph("No completed trial recorded a global test Dice: no learning curves.")]
-    caption = "Global test `dice_mean` per round, mean over each cell's completed seeds, one panel per strategy."
+    caption = "Global test `dice_mean` per round (mean over completed seeds), one panel per strategy."
     png = _rounds_figure(data, cells, curves)
     return [*blocks, _Figure(DICE_ROUNDS_PNG, png, "global test Dice against rounds", caption)]
 
 
 def _trial_blocks(data: SweepData, trials: pd.DataFrame) -> list[_Block | _LogTail]:
-    header = ("trial", *data.swept_keys, "status", "node", "wall s", "peak memory GB", "test Dice", "run folder")
+    header = ("trial", *data.swept_keys, "status", "node", "wall s", "peak memory GB", "final test Dice",
+              "run folder")  # fmt: skip
     rows = []
     for trial, outcome in trials.iterrows():
         record = data.trials.get(str(trial), {})
         swept = record.get("swept", {})
-        wall, peak = record.get("wall_s"), record.get("peak_rss_bytes")
+        wall, peak = _number(record.get("wall_s")), _number(record.get("peak_rss_bytes"))
         rows.append(
             (
                 str(trial),
                 *(_fmt_value(swept[k]) if k in swept else "–" for k in data.swept_keys),
                 str(outcome["status"]),
                 _fmt_node(record.get("node")),
-                "–" if wall is None else f"{float(wall):.1f}",
-                "–" if peak is None else f"{float(peak) / 1e9:.2f}",
+                "–" if wall is None else f"{wall:.1f}",
+                "–" if peak is None else f"{peak / 1e9:.2f}",
                 "–" if math.isnan(outcome["dice_test"]) else f"{outcome['dice_test']:.3f}",
                 str(record.get("run_dir") or "–"),
             )
@@ -569,12 +587,14 @@ def _failure_blocks(data: SweepData, trials: pd.DataFrame) -> list[_Block | _Log
     for trial in failed:
         record = data.trials.get(trial)
         if record is None:
-            blocks += [_Heading(3, f"Trial {trial}: {NOT_REPORTED}"), _Paragraph(f"No line in `{TRIALS_JSONL}`.")]
+            blocks += [_Heading(3, f"Trial {trial}: {NOT_REPORTED}")]
+            blocks += [_Paragraph(f"No line in `{TRIALS_JSONL}` yet: not run, or still running.")]
             continue
         swept = ", ".join(f"{k}={_fmt_value(record['swept'][k])}" for k in data.swept_keys)
-        code = record.get("exit_code")
-        blocks.append(_Heading(3, f"Trial {trial}: {record['status']}"))
-        blocks.append(
+        code, log = record.get("exit_code"), record.get("log_tail") or []
+        lines = [_CONTROL.sub("", str(line)) for line in (log if isinstance(log, list) else [log])]
+        blocks += [
+            _Heading(3, f"Trial {trial}: {record['status']}"),
             _Bullets(
                 (
                     f"**swept**: {swept or 'nothing'}",
@@ -583,15 +603,20 @@ def _failure_blocks(data: SweepData, trials: pd.DataFrame) -> list[_Block | _Log
                     f"**node**: {_fmt_node(record.get('node'))}",
                     f"**run folder**: {record.get('run_dir') or 'none'}",
                 )
-            )
-        )
-        lines = [_CONTROL.sub("", str(line)) for line in (record.get("log_tail") or [])]
-        blocks.append(_LogTail(tuple(lines[-LOG_LINES:])))
+            ),
+            _LogTail(tuple(lines[-LOG_LINES:])),
+        ]
     return blocks
 
 
+def _number(value: Any) -> float | None:
+    """A JSON number as float; ``None`` for null or anything else (the table shows "–")."""
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
 def _fmt_value(value: Any) -> str:
-    if isinstance(value, bool):
+    """A swept value as written in the sweep file (``true``, ``8``, ``0.5``, ``none``)."""
+    if isinstance(value, bool | np.bool_):
         return "true" if value else "false"
     if isinstance(value, float):
         return format(value, "g")
@@ -601,10 +626,8 @@ def _fmt_value(value: Any) -> str:
 def _fmt_mean_std(mean: float, std: float, *, eps: bool = False) -> str:
     if math.isnan(mean):
         return "n/a"
-    if eps and math.isinf(mean):
-        return "∞"
-    text = _fmt_eps(mean) if eps else f"{mean:.3f}"
-    return f"{text} ± {'–' if math.isnan(std) else (_fmt_eps(std) if eps else f'{std:.3f}')}"
+    number = _fmt_eps if eps else (lambda v: f"{v:.3f}")
+    return f"{number(mean)} ± {'–' if math.isnan(std) else number(std)}"
 
 
 def _fmt_node(node: Any) -> str:
@@ -618,6 +641,7 @@ def _fmt_node(node: Any) -> str:
 
 
 def _panels(strategies: list[str], height: float) -> tuple[Figure, list[Any]]:
+    """One panel per strategy, stacked."""
     figure = Figure(figsize=(9.0, 0.6 + height * len(strategies)), layout="constrained")
     axes = figure.subplots(len(strategies), 1, squeeze=False)[:, 0].tolist()
     for ax, strategy in zip(axes, strategies, strict=True):
@@ -627,32 +651,34 @@ def _panels(strategies: list[str], height: float) -> tuple[Figure, list[Any]]:
 
 
 def _dice_epsilon_figure(cells: pd.DataFrame, series: list[str]) -> bytes:
-    strategies = _unique(cells["strategy"])
+    cells = cells[cells["dice_test_mean"].notna()]
     keys = [tuple(row) for row in cells[series].itertuples(index=False, name=None)]
     colours = {key: f"C{i % 10}" for i, key in enumerate(_unique(pd.Series(keys, dtype=object)))}
     epsilon = cells["epsilon_mean"].to_numpy(dtype=float)
     finite = epsilon[np.isfinite(epsilon)]
+    strategies = _unique(cells["strategy"])
     figure, axes = _panels(strategies, 3.4)
     for ax, strategy in zip(axes, strategies, strict=True):
         for key, colour in colours.items():
-            chosen = cells[(cells["strategy"] == strategy) & pd.Series([k == key for k in keys], index=cells.index)]
-            chosen = chosen[chosen["dice_test_mean"].notna()]
-            if chosen.empty:
-                continue
-            label = ", ".join(f"{k}={_fmt_value(v)}" for k, v in zip(series, key, strict=True)) or "cells"
-            points = chosen[np.isfinite(chosen["epsilon_mean"].to_numpy(dtype=float))].sort_values("epsilon_mean")
+            chosen = cells[[k == key and s == strategy for k, s in zip(keys, cells["strategy"], strict=True)]]
+            label = ", ".join(f"{k}={_fmt_value(v)}" for k, v in zip(series, key, strict=True)) or "all cells"
+            points = chosen[np.isfinite(chosen["epsilon_mean"].to_numpy(dtype=float))]
+            points = points.sort_values("epsilon_mean", kind="stable")
             if len(points):
-                ax.errorbar(
-                    points["epsilon_mean"], points["dice_test_mean"], yerr=points["dice_test_std"].fillna(0.0),
-                    color=colour, marker="o", markersize=4, capsize=3, label=label,
-                )
+                std = points["dice_test_std"].fillna(0.0)  # one seed: no error bar
+                ax.errorbar(points["epsilon_mean"], points["dice_test_mean"], yerr=std, color=colour,
+                            marker="o", markersize=4, capsize=3, label=label)
             for row in chosen.itertuples():
-                if row.n_completed and not row.private:
-                    ax.axhline(row.dice_test_mean, color=colour, label=f"{label}, non-private", **_NON_PRIVATE)
+                if not row.private:
+                    ax.axhline(row.dice_test_mean, color=colour, label=f"{label}, non-private", **_OFF)
                 elif math.isinf(row.epsilon_mean):
                     ax.axhline(row.dice_test_mean, color=colour, label=f"{label}, ε = ∞", **_NO_SAMPLE_DP)
         ax.set_xscale("log")
         ax.set_xlim(finite.min() / 1.6, finite.max() * 1.6)
+        # Plain numbers at 1, 2, 5 x 10^k: ε is read off the axis, and 10^0, 10^1 alone say little.
+        ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(StrMethodFormatter("{x:g}"))
+        ax.xaxis.set_minor_formatter(StrMethodFormatter(""))
         ax.set_xlabel("worst-case ε over hospitals (per patient, log scale)")
         ax.set_ylabel("final test Dice")
         handles, labels = ax.get_legend_handles_labels()
@@ -668,13 +694,13 @@ def _rounds_figure(data: SweepData, cells: pd.DataFrame, curves: dict[int, pd.Se
     for ax, strategy in zip(axes, strategies, strict=True):
         for position, curve in curves.items():
             cell = cells.iloc[position]
-            if cell["strategy"] != strategy:
-                continue
-            label = ", ".join(f"{k}={_fmt_value(cell[k])}" for k in shown) or "all trials"
-            ax.plot(curve.index.to_numpy(), _finite(curve), color=f"C{position % 10}", marker="o", markersize=2,
-                    label=label)
+            if cell["strategy"] == strategy:
+                label = ", ".join(f"{k}={_fmt_value(cell[k])}" for k in shown) or "all trials"
+                ax.plot(curve.index.to_numpy(), _finite(curve), color=f"C{position % 10}", marker="o",
+                        markersize=2, label=label)
         ax.set_xlabel("round")
         ax.set_ylabel("global test Dice")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, fontsize="small")
+        # Below the panel: cell labels are long, and beside it they would squeeze the curves.
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), frameon=False, fontsize="small")
     return _png(figure)

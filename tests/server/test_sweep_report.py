@@ -79,7 +79,7 @@ def write_sweep(
     """The three files the sweep driver writes; ``unreported`` trial ids have no trials.jsonl line."""
     folder.mkdir(parents=True, exist_ok=True)
     ids = [t.id for t in trials] + list(unreported)
-    keys = SWEPT if seed_key else SWEPT[:-1]
+    keys = list(trials[0].swept) if trials else SWEPT
     info = {
         "name": "privacy_utility", "sweep_file": "/abs/sweeps/privacy_utility.toml", "swept_keys": keys,
         "seed_key": seed_key, "trials": ids, "address": "local", "code_digest": "ab12cd34",
@@ -108,6 +108,7 @@ def privacy_sweep(folder: Path) -> Path:
     E: client: no sample-level DP, hospitals report ε = inf.
     """
     log = [f"{ANSI_INFO} line {i}" for i in range(25)] + ["RuntimeError: out of time"]
+    no_sample_dp = {"0": [math.inf] * 3, "1": [math.inf] * 3}  # privacy.mode client: hospitals report inf
     trials = [
         Trial("a0", swept("sample", 8, 150, 0), [0.5, 0.6, 0.70], [0.1, 0.4, 0.5, 0.60],
               {"0": [2.0, 4.0, 6.0], "1": [2.2, 4.3, 6.5], "2": [3.0, 5.5, 7.9]}),
@@ -118,14 +119,20 @@ def privacy_sweep(folder: Path) -> Path:
         Trial("b1", swept("both", 1, 150, 1), [0.10], [0.1, 0.15], {"0": [99.0], "1": [99.0], "2": [99.0]},
               client=[50.0], status="timed out", error="trial exceeded its 600 s timeout", log=log),
         Trial("c0", swept("off", "none", 150, 0), [0.6, 0.7, 0.80], [0.1, 0.5, 0.6, 0.70]),
-        Trial("d0", swept("sample", 8, 50, 0), [0.4, 0.5, 0.60], [], {"0": [3.0, 5.0, 7.0], "1": [3.1, 5.1, 7.2]}),
-        Trial("d1", swept("sample", 8, 50, 1), [0.4, 0.5, 0.62], [], {"0": [3.0, 5.0, 7.1], "1": [3.0, 5.0, 7.0]}),
-        Trial("e0", swept("client", 8, 150, 0), [0.6, 0.7, 0.76], [], {"0": [math.inf] * 3, "1": [math.inf] * 3},
-              client=[1.0, 2.0, 3.0]),
-        Trial("e1", swept("client", 8, 150, 1), [0.6, 0.7, 0.78], [], {"0": [math.inf] * 3, "1": [math.inf] * 3},
-              client=[1.0, 2.0, 3.0]),
+        Trial("d0", swept("sample", 8, 50, 0), [0.4, 0.5, 0.60], [],
+              {"0": [3.0, 5.0, 7.0], "1": [3.1, 5.1, 7.2]}),
+        Trial("d1", swept("sample", 8, 50, 1), [0.4, 0.5, 0.62], [],
+              {"0": [3.0, 5.0, 7.1], "1": [3.0, 5.0, 7.0]}),
+        Trial("e0", swept("client", 8, 150, 0), [0.6, 0.7, 0.76], [], no_sample_dp, client=[1.0, 2.0, 3.0]),
+        Trial("e1", swept("client", 8, 150, 1), [0.6, 0.7, 0.78], [], no_sample_dp, client=[1.0, 2.0, 3.0]),
     ]  # fmt: skip
     return write_sweep(folder, trials, unreported=("c1",))
+
+
+def row(*cells: object, bold: bool = False) -> str:
+    """A Markdown table row; the report shows a flagged row in bold."""
+    texts = [f"**{c}**" if bold else str(c) for c in cells]
+    return "| " + " | ".join(texts) + " |"
 
 
 def cells_by_mode(folder: Path) -> dict[tuple[str, int], dict[str, Any]]:
@@ -140,7 +147,7 @@ def test_cells_average_over_completed_seeds_and_take_the_worst_hospital(tmp_path
     cells = cells_by_mode(folder)
 
     assert list(table.columns[:3]) == SWEPT[:3] and len(table) == 5  # the seed is not a cell key
-    assert [r["privacy.mode"] for r in table.to_dict("records")] == ["sample", "both", "off", "sample", "client"]
+    assert list(table["privacy.mode"]) == ["sample", "both", "off", "sample", "client"]  # sweep order
     a = cells[("sample", 150)]
     assert (a["n_completed"], a["n_expected"], a["flag"]) == (2, 2, "")
     assert a["dice_test_mean"] == pytest.approx(0.72)
@@ -171,7 +178,8 @@ def test_missing_seed_non_private_and_infinite_epsilon_cells(tmp_path: Path) -> 
     cells = cells_by_mode(folder)
 
     c, e = cells[("off", 150)], cells[("client", 150)]
-    assert (c["n_completed"], c["n_expected"], c["missing_seeds"], c["flag"]) == (1, 2, (1,), "seed 1 missing")
+    assert (c["n_completed"], c["n_expected"], c["missing_seeds"]) == (1, 2, (1,))
+    assert c["flag"] == "seed 1 missing"
     assert c["private"] is False and math.isnan(c["epsilon_mean"])
     assert c["dice_test_mean"] == pytest.approx(0.80)
     assert e["private"] is True and math.isinf(e["epsilon_mean"]) and math.isinf(e["epsilon_max"])
@@ -184,15 +192,15 @@ def test_markdown_report_shows_the_tables_plots_and_failures(tmp_path: Path) -> 
     md_path, _ = build_sweep_report(folder)
 
     text = md_path.read_text(encoding="utf-8")
-    assert "| sample | 8 | 150 | 2/2 | 0.720 ± 0.028 | 0.620 ± 0.028 | 7.700 ± 0.283 | 7.900 | n/a | – |" in text
+    a = ("sample", 8, 150, "2/2", "0.720 ± 0.028", "0.620 ± 0.028", "7.700 ± 0.283 (7.900)", "n/a", "–")
+    assert row(*a) in text
     # Cells short of seeds are shown in bold.
-    both = ("both", "1", "150", "1/2", "0.450 ± –", "0.400 ± –", "1.000 ± –", "1.000", "2.500", "seed 1 timed out")
-    off = ("off", "none", "150", "1/2", "0.800 ± –", "0.700 ± –", "non-private", "non-private", "n/a",
-           "seed 1 missing")
-    for cells in (both, off):
-        assert "| " + " | ".join(f"**{c}**" for c in cells) + " |" in text
-    assert "| client | 8 | 150 | 2/2 | 0.770 ± 0.014 | n/a | ∞ | ∞ | 3.000 | – |" in text
-    assert "| a0 | sample | 8 | 150 | 0 | completed | worker-1 (a1b2c3d4) | 41.2 | 3.01 | 0.700 | /runs/a0 |" in text
+    both = ("both", 1, 150, "1/2", "0.450 ± –", "0.400 ± –", "1.000 ± – (1.000)", "2.500", "seed 1 timed out")
+    off = ("off", "none", 150, "1/2", "0.800 ± –", "0.700 ± –", "non-private", "n/a", "seed 1 missing")
+    assert row(*both, bold=True) in text and row(*off, bold=True) in text
+    assert row("client", 8, 150, "2/2", "0.770 ± 0.014", "n/a", "∞", "3.000", "–") in text
+    a0 = ("a0", "sample", 8, 150, 0, "completed", "worker-1 (a1b2c3d4)", 41.2, 3.01, "0.700", "/runs/a0")
+    assert row(*a0) in text
     assert "1 trial(s) of `sweep.json` have no line in `trials.jsonl` yet" in text and "c1" in text
     assert f"![final Dice against worst-case epsilon]({DICE_EPSILON_PNG})" in text
     assert (folder / DICE_EPSILON_PNG).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -209,7 +217,8 @@ def test_html_is_self_contained_and_rebuilds_to_the_same_bytes(tmp_path: Path) -
     folder = privacy_sweep(tmp_path / "sweep")
 
     md_path, html_path = build_sweep_report(folder)
-    first = {p.name: p.read_bytes() for p in (md_path, html_path, folder / DICE_EPSILON_PNG, folder / DICE_ROUNDS_PNG)}
+    paths = (md_path, html_path, folder / DICE_EPSILON_PNG, folder / DICE_ROUNDS_PNG)
+    first = {p.name: p.read_bytes() for p in paths}
     build_sweep_report(folder)
     second = {name: (folder / name).read_bytes() for name in first}
 
@@ -291,6 +300,59 @@ def test_bad_value_in_results_names_the_line(tmp_path: Path) -> None:
         load_sweep(folder)
 
     assert str(caught.value).startswith(f"{folder / 'results.csv'}, line 4: column 'value' must be a number")
+
+
+def test_report_before_any_trial_reports(tmp_path: Path) -> None:
+    folder = write_sweep(tmp_path / "sweep", [], unreported=("t0", "t1"))
+
+    md_path, html_path = build_sweep_report(folder)
+
+    text = md_path.read_text(encoding="utf-8")
+    assert "**trials**: 2 (2 not reported); **cells**: 0" in text
+    assert "No trial has reported yet." in text and "no learning curves" in text
+    assert "### Trial t0: not reported" in text and "### Trial t1: not reported" in text
+    assert not (folder / DICE_EPSILON_PNG).exists() and not (folder / DICE_ROUNDS_PNG).exists()
+    assert cell_table(load_sweep(folder)).empty
+
+
+def test_a_retried_trial_counts_its_latest_attempt(tmp_path: Path) -> None:
+    first = Trial("r0", swept("sample", 8, 150, 0), [0.2], epsilon={"0": [9.0]}, status="error", log=["boom"])
+    latest = Trial("r0", swept("sample", 8, 150, 0), [0.6], epsilon={"0": [7.0]})
+    folder = write_sweep(tmp_path / "sweep", [first])
+    with (folder / "trials.jsonl").open("a") as fh:
+        fh.write(json.dumps(latest.record(0)) + "\n")
+    with (folder / "results.csv").open("a", newline="") as fh:
+        csv.writer(fh).writerows(latest.rows())
+
+    cell = cell_table(load_sweep(folder)).iloc[0]
+
+    assert (cell["n_completed"], cell["n_failed"], cell["flag"]) == (1, 0, "")
+    assert cell["dice_test_mean"] == 0.6 and cell["epsilon_max"] == 7.0
+
+
+def png_height(path: Path) -> int:
+    return int.from_bytes(path.read_bytes()[20:24], "big")  # the IHDR chunk
+
+
+def test_a_swept_strategy_is_one_column_and_one_panel_each(tmp_path: Path) -> None:
+    def trial(id: str, strategy: str, target: int, seed: int, dice: float, eps: float) -> Trial:
+        values = {"strategy": strategy, "privacy.target-epsilon": target, "seed": seed}
+        return Trial(id, values, [dice], epsilon={"0": [eps], "1": [eps / 2]})
+
+    fedavg = [trial("a", "fedavg", 1, 0, 0.5, 1.0), trial("b", "fedavg", 8, 0, 0.7, 8.0)]
+    fedprox = [trial("c", "fedprox", 1, 0, 0.4, 1.1), trial("d", "fedprox", 8, 0, 0.6, 7.9)]
+    one = write_sweep(tmp_path / "one", fedavg)
+    two = write_sweep(tmp_path / "two", fedavg + fedprox)
+
+    table = cell_table(load_sweep(two))
+    build_sweep_report(one)
+    build_sweep_report(two)
+
+    assert list(table.columns).count("strategy") == 1
+    assert list(table["strategy"]) == ["fedavg", "fedavg", "fedprox", "fedprox"]
+    assert list(table["epsilon_max"]) == [1.0, 8.0, 1.1, 7.9]
+    assert png_height(two / DICE_EPSILON_PNG) > 1.7 * png_height(one / DICE_EPSILON_PNG)
+    assert png_height(two / DICE_ROUNDS_PNG) > 1.7 * png_height(one / DICE_ROUNDS_PNG)
 
 
 def test_a_path_that_is_not_a_sweep_folder(tmp_path: Path) -> None:

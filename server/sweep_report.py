@@ -301,9 +301,9 @@ def cell_table(data: SweepData) -> pd.DataFrame:
     """Per-cell aggregates over the completed seeds, one row per cell in sweep order.
 
     Columns: one per cell key (typed swept values), then :data:`CELL_STATS` (``strategy``, from the
-    run config, only when it is not swept): ``n_completed``; ``n_expected`` (the cell's trials, or,
-    when seeds are swept, the sweep's seeds if more); ``n_failed``; ``missing_seeds`` (seeds of the
-    sweep with no trial of this cell in ``trials.jsonl``); ``private`` (a completed trial has
+    run config, only when it is not swept): ``n_completed``; ``n_expected`` (the cell's trials, plus its
+    ``missing_seeds``: while trials of ``sweep.json`` have not reported, the seeds swept elsewhere
+    that this cell has no trial of); ``n_failed``; ``private`` (a completed trial has
     privacy rows); ``*_mean`` / ``*_std`` (sample std, ddof = 1, NaN for one value) of the final
     global test and public Dice and of the trials' worst-case ε (``inf`` when a seed's is),
     ``epsilon_max`` (max over seeds), the same three for client-level ε; ``flag``: why the cell is
@@ -314,8 +314,11 @@ def cell_table(data: SweepData) -> pd.DataFrame:
 
 def _aggregate(data: SweepData, trials: pd.DataFrame) -> pd.DataFrame:
     reported = trials[trials["status"] != NOT_REPORTED]
-    # Seeds are swept as a grid: a cell without one of the sweep's seeds is short of it.
-    all_seeds = _unique(reported["seed"]) if data.seed_key else []
+    # sweep.json gives no swept values, so an unreported trial's cell is unknown. Seeds are mostly
+    # swept as a grid: while some trials are unreported, a cell without one of the sweep's seeds is
+    # taken to be short of it. Once every trial has reported, nothing is missing.
+    unreported = len(trials) > len(reported)
+    all_seeds = _unique(reported["seed"]) if data.seed_key and unreported else []
     rows = []
     for cell in _unique(reported["cell"]):
         members = reported[[c == cell for c in reported["cell"]]]

@@ -302,6 +302,19 @@ def test_bad_value_in_results_names_the_line(tmp_path: Path) -> None:
     assert str(caught.value).startswith(f"{folder / 'results.csv'}, line 4: column 'value' must be a number")
 
 
+def test_a_cell_run_with_fewer_seeds_on_purpose_is_not_short(tmp_path: Path) -> None:
+    trials = [
+        Trial("o0", swept("off", "none", 150, 0), [0.8]),
+        Trial("s0", swept("sample", 8, 150, 0), [0.6], epsilon={"0": [7.0]}),
+        Trial("s1", swept("sample", 8, 150, 1), [0.7], epsilon={"0": [7.5]}),
+    ]
+    folder = write_sweep(tmp_path / "sweep", trials)  # every trial of sweep.json has reported
+
+    table = cell_table(load_sweep(folder))
+
+    assert list(table["n_expected"]) == [1, 2] and list(table["flag"]) == ["", ""]
+
+
 def test_report_before_any_trial_reports(tmp_path: Path) -> None:
     folder = write_sweep(tmp_path / "sweep", [], unreported=("t0", "t1"))
 

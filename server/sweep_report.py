@@ -584,15 +584,12 @@ def _trial_blocks(data: SweepData, trials: pd.DataFrame) -> list[_Block | _LogTa
 
 def _failure_blocks(data: SweepData, trials: pd.DataFrame) -> list[_Block | _LogTail]:
     blocks: list[_Block | _LogTail] = [_Heading(2, "Failures")]
-    failed = [str(t) for t, s in trials["status"].items() if s != COMPLETED]
+    # A trial that has not reported may still be running: it is listed above, not here.
+    failed = [str(t) for t, s in trials["status"].items() if s not in (COMPLETED, NOT_REPORTED)]
     if not failed:
         return [*blocks, _Paragraph("No trial failed.")]
     for trial in failed:
-        record = data.trials.get(trial)
-        if record is None:
-            blocks += [_Heading(3, f"Trial {trial}: {NOT_REPORTED}")]
-            blocks += [_Paragraph(f"No line in `{TRIALS_JSONL}` yet: not run, or still running.")]
-            continue
+        record = data.trials[trial]
         swept = ", ".join(f"{k}={_fmt_value(record['swept'][k])}" for k in data.swept_keys)
         code, log = record.get("exit_code"), record.get("log_tail") or []
         lines = [_CONTROL.sub("", str(line)) for line in (log if isinstance(log, list) else [log])]

@@ -206,7 +206,7 @@ def test_markdown_report_shows_the_tables_plots_and_failures(tmp_path: Path) -> 
     assert (folder / DICE_EPSILON_PNG).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (folder / DICE_ROUNDS_PNG).is_file()
     failures = text.split("## Failures", 1)[1]
-    assert "### Trial b1: timed out" in failures and "### Trial c1: not reported" in failures
+    assert "### Trial b1: timed out" in failures and "c1" not in failures  # c1 may still be running
     assert "**exit code**: 124" in failures and "trial exceeded its 600 s timeout" in failures
     # The last 20 log lines, terminal colours stripped.
     assert "INFO : line 6\n" in failures and "RuntimeError: out of time" in failures
@@ -323,7 +323,8 @@ def test_report_before_any_trial_reports(tmp_path: Path) -> None:
     text = md_path.read_text(encoding="utf-8")
     assert "**trials**: 2 (2 not reported); **cells**: 0" in text
     assert "No trial has reported yet." in text and "no learning curves" in text
-    assert "### Trial t0: not reported" in text and "### Trial t1: not reported" in text
+    assert "t0 and t1" in text and "| t0 | – | – | – | – | not reported |" in text
+    assert "No trial failed." in text  # not reported yet is not failed: they may be running
     assert not (folder / DICE_EPSILON_PNG).exists() and not (folder / DICE_ROUNDS_PNG).exists()
     assert cell_table(load_sweep(folder)).empty
 

@@ -415,12 +415,13 @@ def app_files(project: Path) -> list[Path]:
 def code_digest(project: Path) -> str:
     """SHA-256 over the app's code and ``pyproject.toml`` (its defaults): what a run executes.
 
-    The README is left out (it changes no result). Two nodes with the same digest run the
-    same code.
+    Left out: the README and the sweep's own modules (``server/sweep_*.py``: the driver, its
+    report), which change no result, so fixing a report does not invalidate finished
+    trials. Two nodes with the same digest run the same code.
     """
     digest = hashlib.sha256()
     for relative in app_files(project):
-        if relative.name == "README.md":
+        if relative.name == "README.md" or (relative.parent == Path("server") and relative.name.startswith("sweep_")):
             continue
         digest.update(str(relative).encode() + b"\0")
         digest.update((project / relative).read_bytes() + b"\0")

@@ -43,6 +43,7 @@ from server.sweep_trial import (
     STATUS_ERROR,
     STATUS_INTERRUPTED,
     STATUS_TIMED_OUT,
+    StopFlag,
 )
 
 RESULTS_CSV = "results.csv"
@@ -409,7 +410,8 @@ def run_sweep(
     else:
         folder.previous_records()  # readable, or one sentence before anything starts
     cancel = cancel or threading.Event()
-    with _stop_signals(cancel) as received, ray_session(address, spec, spec.max_parallel) as (parallel, where):
+    # Ray's driver installs its own SIGTERM handler (it logs and exits 1): ours go in after it.
+    with ray_session(address, spec, spec.max_parallel) as (parallel, where), _stop_signals(cancel) as received:
         done = folder.start(resume, address)
         todo = [t for t in spec.trials if t.trial_id not in done]
         progress = Progress(len(spec.trials), out, skipped=len(spec.trials) - len(todo))
@@ -417,7 +419,9 @@ def run_sweep(
         progress.note(f"sweep {spec.name}: {len(spec.trials)} trials ({len(done)} already done), up to {parallel} "
                       f"at once on {where}; results in {spec.folder}")
         remote = _remote_trial()
+        stop_flag: Any = ray.remote(num_cpus=0)(StopFlag).remote()
         running: dict[Any, tuple[TrialSpec, str, float]] = {}
+        stopped_launches: list[str] = []
         pending = list(todo)
         failed = 0
 
@@ -442,6 +446,7 @@ def run_sweep(
                     "trial": trial.trial_id, "project": str(spec.project), "run_config": trial.plan.run_config,
                     "federation": trial.plan.federation_config, "timeout_s": spec.timeout_s,
                     "launch_id": launch_id, "code_digest": spec.code_digest, "grace": grace,
+                    "stop_flag": stop_flag,
                 }
                 ref = remote.options(num_cpus=trial.cpus, memory=trial.memory_bytes, num_gpus=trial.gpus or None,
                                      name=f"trial-{trial.trial_id}").remote(payload)
@@ -463,8 +468,8 @@ def run_sweep(
 
         if cancel.is_set():
             progress.note(f"sweep {spec.name}: stopping {len(running)} running trial(s) ...")
-            for ref in running:
-                ray.cancel(ref)
+            stopped_launches = [launch_id for _t, launch_id, _t0 in running.values()]
+            ray.get(stop_flag.set.remote())  # each trial stops its launch and returns (interrupted)
             deadline = time.monotonic() + CANCEL_WAIT_S
             while running and time.monotonic() < deadline:
                 ready, _ = ray.wait(list(running), num_returns=1, timeout=0.5)
@@ -474,13 +479,12 @@ def run_sweep(
                     except Exception:  # noqa: BLE001 - TaskCancelledError: the usual outcome
                         result = lost(ref, STATUS_INTERRUPTED, "stopped by the sweep (Ctrl-C or SIGTERM)")
                     finish(ref, result)
-            launches = [launch_id for _t, launch_id, _t0 in running.values()]
             for ref in list(running):
                 ray.cancel(ref, force=True)
                 finish(ref, lost(ref, STATUS_INTERRUPTED, "stopped by the sweep (Ctrl-C or SIGTERM); force-cancelled"))
-            if address == "local":  # a backstop: nothing a trial started may outlive the sweep
-                for launch_id in launches:
-                    ProcessSweeper(launch_id).stop(grace=1.0)
+    if address == "local":  # a backstop, once Ray is down: nothing a trial started may outlive the sweep
+        for launch_id in stopped_launches:
+            ProcessSweeper(launch_id).stop(grace=1.0)
     progress.note(f"sweep {spec.name}: {progress.done + progress.skipped}/{len(spec.trials)} completed, "
                   f"{failed} failed, in {_duration(time.monotonic() - progress.started)}")
     _report(spec, out)

@@ -78,6 +78,37 @@ def _json(path: Path) -> Any:
         return None
 
 
+class StopFlag:
+    """A flag the driver sets to stop every trial (a Ray actor; each trial polls it every second).
+
+    Trials stop their launch themselves and return their results (``interrupted``), so the
+    driver knows when every process of a trial is gone. A flag that cannot be reached any
+    more (its owner, the driver, died) also stops the trial.
+    """
+
+    def __init__(self) -> None:
+        self._set = False
+
+    def set(self) -> None:
+        self._set = True
+
+    def is_set(self) -> bool:
+        return self._set
+
+
+def _stop_requested(flag: Any) -> bool:
+    """Whether the driver's :class:`StopFlag` is set, or gone with the driver."""
+    import ray
+    from ray.exceptions import GetTimeoutError, RayActorError
+
+    try:
+        return bool(ray.get(flag.is_set.remote(), timeout=10))
+    except GetTimeoutError:  # a busy node: ask again next time
+        return False
+    except RayActorError:
+        return True
+
+
 def run_trial(payload: Mapping[str, Any], cancel: threading.Event | None = None) -> dict[str, Any]:
     """Run one trial and return its results (the Ray task's body; also callable directly).
 
@@ -86,10 +117,11 @@ def run_trial(payload: Mapping[str, Any], cancel: threading.Event | None = None)
     payload : mapping
         ``trial`` (id), ``project``, ``run_config``, ``federation``, ``timeout_s``,
         ``launch_id``, ``code_digest`` (the driver's; a node with other code refuses),
-        ``grace`` (optional).
+        ``grace`` and ``stop_flag`` (a :class:`StopFlag` actor handle), optional.
     cancel : threading.Event, optional
-        Set to stop the trial. Inside Ray, ``ray.cancel`` raises ``KeyboardInterrupt`` in
-        this function instead; either way every process of the launch is stopped.
+        Set to stop the trial. Inside Ray, the driver sets ``stop_flag`` instead (and
+        ``ray.cancel`` raises ``KeyboardInterrupt`` here); either way every process of the
+        launch is stopped before this returns.
 
     Returns
     -------
@@ -140,9 +172,14 @@ def run_trial(payload: Mapping[str, Any], cancel: threading.Event | None = None)
     with TreeMemory(os.getpid(), interval=1.0, include_root=False) as memory:
         worker = threading.Thread(target=body, name=f"trial-{payload['trial']}", daemon=True)
         worker.start()
+        flag, asked = payload.get("stop_flag"), time.monotonic()
         while worker.is_alive():
             try:
                 worker.join(0.5)
+                if flag is not None and not cancel.is_set() and time.monotonic() - asked >= 1.0:
+                    asked = time.monotonic()
+                    if _stop_requested(flag):
+                        cancel.set()
             except KeyboardInterrupt:
                 cancel.set()
     base["peak_rss_bytes"] = memory.peak or None

@@ -442,7 +442,7 @@ def _render(blocks: list[_Block | _LogTail], *, title: str) -> tuple[str, str]:
     markdown = _render_markdown(plain)
     page = _render_html(plain, title=title).replace("</style>", f"{_EXTRA_CSS}\n</style>", 1)
     for token, tail in tails.items():
-        text = "\n".join(tail.lines) or "(no log lines recorded)"
+        text = "\n".join(tail.lines)
         fence = "`" * max(3, 1 + max(map(len, re.findall(r"`+", text)), default=0))
         markdown = markdown.replace(token, f"{fence}text\n{text}\n{fence}")
         summary = f"last {len(tail.lines)} log line{'' if len(tail.lines) == 1 else 's'}"
@@ -576,10 +576,11 @@ def _trial_blocks(data: SweepData, trials: pd.DataFrame) -> list[_Block | _LogTa
                 "–" if wall is None else f"{wall:.1f}",
                 "–" if peak is None else f"{peak / 1e9:.2f}",
                 "–" if math.isnan(outcome["dice_test"]) else f"{outcome['dice_test']:.3f}",
-                str(record.get("run_dir") or "–"),
+                _fmt_run_dir(data, record.get("run_dir")),
             )
         )
-    return [_Heading(2, "Trials"), _Table(header, tuple(rows))]
+    note = _Paragraph("Run folders inside the sweep folder are shown relative to it.")
+    return [_Heading(2, "Trials"), note, _Table(header, tuple(rows))]
 
 
 def _failure_blocks(data: SweepData, trials: pd.DataFrame) -> list[_Block | _LogTail]:
@@ -601,10 +602,10 @@ def _failure_blocks(data: SweepData, trials: pd.DataFrame) -> list[_Block | _Log
                     f"**exit code**: {'none' if code is None else code}",
                     f"**error**: {record.get('error') or 'none recorded'}",
                     f"**node**: {_fmt_node(record.get('node'))}",
-                    f"**run folder**: {record.get('run_dir') or 'none'}",
+                    f"**run folder**: {_fmt_run_dir(data, record.get('run_dir'))}",
                 )
             ),
-            _LogTail(tuple(lines[-LOG_LINES:])),
+            _LogTail(tuple(lines[-LOG_LINES:])) if lines else _Paragraph("No log lines were recorded."),
         ]
     return blocks
 
@@ -628,6 +629,14 @@ def _fmt_mean_std(mean: float, std: float, *, eps: bool = False) -> str:
         return "n/a"
     number = _fmt_eps if eps else (lambda v: f"{v:.3f}")
     return f"{number(mean)} ± {'–' if math.isnan(std) else number(std)}"
+
+
+def _fmt_run_dir(data: SweepData, run_dir: Any) -> str:
+    """The run folder, relative to the sweep folder when inside it (the driver puts it there)."""
+    if not run_dir:
+        return "–"
+    path, sweep = Path(str(run_dir)), data.sweep_dir.absolute()
+    return str(path.relative_to(sweep)) if path.is_relative_to(sweep) else str(path)
 
 
 def _fmt_node(node: Any) -> str:

@@ -39,6 +39,7 @@ class Trial:
     status: str = "completed"
     error: str | None = None
     log: list[str] = field(default_factory=list)
+    run_dir: str | None = None  # default /runs/<id>
 
     def record(self, index: int) -> dict[str, Any]:
         failed = self.status != "completed"
@@ -46,7 +47,7 @@ class Trial:
             "trial": self.id, "index": index, "swept": self.swept,
             "config": {"strategy": "fedavg", "num-server-rounds": 3, **self.swept},
             "federation": {"num-supernodes": 3}, "status": self.status, "exit_code": 124 if failed else 0,
-            "error": self.error, "run_dir": f"/runs/{self.id}",
+            "error": self.error, "run_dir": self.run_dir or f"/runs/{self.id}",
             "node": {"node_id": "a1b2c3d4e5f60718", "hostname": "worker-1", "ip": "10.0.0.7"},
             "wall_s": 41.25, "peak_rss_bytes": 3_012_345_678, "started_at": "2026-11-29T06:10:00Z",
             "ended_at": "2026-11-29T06:10:41Z", "log_tail": self.log,
@@ -331,7 +332,8 @@ def test_report_before_any_trial_reports(tmp_path: Path) -> None:
 
 def test_a_retried_trial_counts_its_latest_attempt(tmp_path: Path) -> None:
     first = Trial("r0", swept("sample", 8, 150, 0), [0.2], epsilon={"0": [9.0]}, status="error", log=["boom"])
-    latest = Trial("r0", swept("sample", 8, 150, 0), [0.6], epsilon={"0": [7.0]})
+    run_dir = str(tmp_path / "sweep" / "trials" / "r0" / "run-2")  # the driver puts runs in the sweep folder
+    latest = Trial("r0", swept("sample", 8, 150, 0), [0.6], epsilon={"0": [7.0]}, run_dir=run_dir)
     folder = write_sweep(tmp_path / "sweep", [first])
     with (folder / "trials.jsonl").open("a") as fh:
         fh.write(json.dumps(latest.record(0)) + "\n")
@@ -339,9 +341,12 @@ def test_a_retried_trial_counts_its_latest_attempt(tmp_path: Path) -> None:
         csv.writer(fh).writerows(latest.rows())
 
     cell = cell_table(load_sweep(folder)).iloc[0]
+    md_path, _ = build_sweep_report(folder)
 
     assert (cell["n_completed"], cell["n_failed"], cell["flag"]) == (1, 0, "")
     assert cell["dice_test_mean"] == 0.6 and cell["epsilon_max"] == 7.0
+    text = md_path.read_text(encoding="utf-8")
+    assert "| 0.600 | trials/r0/run-2 |" in text and "No trial failed." in text
 
 
 def png_height(path: Path) -> int:

@@ -38,6 +38,7 @@ typecheck: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m benchmarks.bench_federation
 	$(PY) -m benchmarks.bench_dp
+	$(PY) -m benchmarks.bench_sweep
 
 clean:
 	rm -rf .cache .flwr .ray outputs .pytest_cache

@@ -114,3 +114,26 @@ def test_progress_prints_plain_lines_when_not_a_terminal(tmp_path: Path) -> None
     assert lines[0].startswith(f"[2/3] {spec.trials[1].trial_id} started: seed=1 -> ")
     assert lines[1].startswith(f"[2/3] {spec.trials[1].trial_id} failed in 1.0 s on h: boom")
     assert lines[2].startswith("sweep: 1/3 done (1 already done), 0 running, 1 failed")
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_redraws_one_status_line_on_a_terminal(tmp_path: Path) -> None:
+    path = tmp_path / "s.toml"
+    path.write_text(SWEEP.format(out=tmp_path / "out"))
+    spec = load_sweep(path, project=ROOT)
+    out = _Terminal()
+    progress = Progress(3, out)
+    progress.trial_started(spec.trials[0], 1)
+    progress.tick()
+    progress.tick()
+    progress.trial_ended(spec.trials[0], 1, result(spec.trials[0].trial_id, "completed"))
+    progress.tick()
+    text = out.getvalue()
+    # the status line is redrawn in place (carriage return + erase), never piled up
+    assert text.count("\r\x1b[K0/3 done, 1 running, 0 failed") == 2
+    assert "\r\x1b[K[1/3]" in text and text.rstrip().endswith("ETA 2s")  # 2 left x 1.0 s each
+    assert "sweep: " not in text  # no extra plain status lines on a terminal

@@ -87,7 +87,8 @@ _NO_SAMPLE_DP: dict[str, Any] = {"linestyle": ":", "linewidth": 1.5}
 _EXTRA_CSS = """
 pre { background: #f6f6f6; padding: 0.5rem; overflow-x: auto; font-size: 0.8rem; line-height: 1.3; }
 details { margin: 0.5rem 0 1rem; } summary { cursor: pointer; color: #444; }
-body { max-width: 90rem; } td { white-space: nowrap; } td:last-child { white-space: normal; }
+body { max-width: 90rem; } td { white-space: nowrap; }
+td:last-child, th:last-child { white-space: normal; text-align: left; }
 table { display: block; overflow-x: auto; max-width: 100%; }
 """.strip()
 

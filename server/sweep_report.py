@@ -238,6 +238,7 @@ def _load_results(path: Path, swept: tuple[str, ...], trial_ids: tuple[str, ...]
             values.append(float(text) if text else math.nan)
         except ValueError:
             raise _bad(path, "value", line, "a number, 'inf' or empty", text) from None
+
     def strings(column: str) -> pd.Series:
         return pd.Series([v for _, v in _cells(raw, column)], dtype=object)
 
@@ -320,13 +321,13 @@ def _aggregate(data: SweepData, trials: pd.DataFrame) -> pd.DataFrame:
     # taken to be short of it. Once every trial has reported, nothing is missing.
     unreported = len(trials) > len(reported)
     all_seeds = _unique(reported["seed"]) if data.seed_key and unreported else []
+    seed_word = (lambda s: f"seed {_fmt_value(s)} ") if data.seed_key else (lambda s: "")
     rows = []
     for cell in _unique(reported["cell"]):
         members = reported[[c == cell for c in reported["cell"]]]
         done = members[members["status"] == COMPLETED]
         failed = members[members["status"] != COMPLETED]
         missing = [s for s in all_seeds if s not in members["seed"].tolist()]
-        seed_word = (lambda s: f"seed {_fmt_value(s)} ") if data.seed_key else (lambda s: "")
         flags = [seed_word(t.seed) + str(t.status) for t in failed.itertuples()]
         flags += [f"seed {_fmt_value(s)} missing" for s in missing]
         stats: dict[str, Any] = {
@@ -368,7 +369,7 @@ def _mean_std(values: pd.Series) -> tuple[float, float]:
         return math.nan, math.nan
     if np.isinf(array).any():
         return math.inf, math.nan
-    return float(np.mean(array)), float(np.std(array, ddof=1)) if array.size > 1 else math.nan
+    return float(np.mean(array)), (float(np.std(array, ddof=1)) if array.size > 1 else math.nan)
 
 
 def _unique(values: pd.Series) -> list[Any]:

@@ -155,12 +155,17 @@ def command_sweep(args: argparse.Namespace, cancel: threading.Event, received: S
 
 
 def command_report(args: argparse.Namespace) -> int:
-    """Rebuild ``privacy_report.md`` and ``privacy_report.html`` from a run's files."""
+    """Rebuild a run's ``privacy_report.md``/``.html``, or a sweep folder's ``sweep_report.md``/``.html``."""
     from privacy.report import ReportError, build_report
+    from server.sweep_report import SweepReportError, build_sweep_report
+    from server.sweep_runner import SWEEP_JSON
 
     try:
-        md, html = build_report(args.run_dir)
-    except ReportError as err:
+        if (Path(args.run_dir) / SWEEP_JSON).is_file():
+            md, html = build_sweep_report(Path(args.run_dir))
+        else:
+            md, html = build_report(args.run_dir)
+    except (ReportError, SweepReportError) as err:
         raise UserError(str(err)) from None
     print(f"fedscan: wrote {md} and {html}")
     return 0
@@ -466,11 +471,12 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--project", default=".", help="the fedscan project folder (default: .)")
     report = sub.add_parser(
         "report",
-        help="rebuild a run's privacy-budget report",
+        help="rebuild a run's privacy-budget report, or a sweep's report",
         description="Rebuild privacy_report.md and privacy_report.html from RUN_DIR's privacy.csv, "
-        "metrics.csv and config.json.",
+        "metrics.csv and config.json; for a sweep folder (it holds sweep.json), sweep_report.md and "
+        "sweep_report.html from its results.csv and trials.jsonl (also mid-sweep).",
     )
-    report.add_argument("run_dir", metavar="RUN_DIR", help="a run folder, e.g. outputs/latest")
+    report.add_argument("run_dir", metavar="RUN_DIR", help="a run folder (e.g. outputs/latest) or a sweep folder")
     keygen = sub.add_parser("keygen", help="create a keyring folder for encrypted, signed checkpoints")
     keygen.add_argument("folder", nargs="?", default="keys", help="the keyring folder (default: keys)")
     keygen.add_argument("--hospitals", type=int, default=0, metavar="N",

@@ -316,7 +316,7 @@ def ray_session(address: str, spec: SweepSpec, max_parallel: int | None) -> Iter
             ray.init(address="local", num_cpus=cpus, include_dashboard=False, _temp_dir=str(temp),
                      object_store_memory=DRIVER_OBJECT_STORE_BYTES, logging_level=logging.ERROR,
                      log_to_driver=False)
-            shared = f" (they share {cores} cores)" if cpus > cores else ""
+            shared = f", sharing {cores} cores" if cpus > cores else ""
             described = f"a private Ray ({cpus} CPUs for trials{shared})"
         else:
             try:

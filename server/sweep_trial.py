@@ -48,15 +48,16 @@ def trial_env(environ: Mapping[str, str]) -> dict[str, str]:
     return {k: v for k, v in environ.items() if not k.startswith("RAY_") and k not in DROPPED_ENV}
 
 
-def node_info() -> dict[str, str]:
-    """This node's Ray id, host name and IP (Ray's, if inside a Ray worker)."""
-    info = {"hostname": socket.gethostname(), "node_id": "", "ip": ""}
+def node_info() -> dict[str, Any]:
+    """This node's Ray id, host name, IP and the GPUs Ray assigned to the task (inside a Ray worker)."""
+    info: dict[str, Any] = {"hostname": socket.gethostname(), "node_id": "", "ip": "", "gpu_ids": []}
     try:
         import ray
 
         if ray.is_initialized():
             info["node_id"] = ray.get_runtime_context().get_node_id()
             info["ip"] = ray.util.get_node_ip_address()
+            info["gpu_ids"] = [str(g) for g in ray.get_gpu_ids()]  # also in CUDA_VISIBLE_DEVICES
     except Exception:  # noqa: BLE001 - outside Ray there is no node id; never fail a trial on it
         pass
     return info

@@ -17,6 +17,7 @@ import pandas as pd
 import psutil
 import pytest
 
+from server.cli import main as cli_main
 from server.launcher import LAUNCH_ID_ENV, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -219,6 +220,9 @@ def test_two_node_cluster_sweep_isolates_trials_and_matches_a_plain_run(tmp_path
         assert not _tagged({r["launch_id"] for r in records})
         for name in ("sweep_report.md", "sweep_report.html"):
             assert bad["trial"] in (folder / name).read_text()
+        (folder / "sweep_report.md").unlink()
+        assert cli_main(["report", str(folder)]) == 0  # rebuilt from the sweep folder alone
+        assert ok["trial"] in (folder / "sweep_report.md").read_text()
 
 
 @pytest.mark.e2e

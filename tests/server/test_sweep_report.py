@@ -19,7 +19,7 @@ from server.sweep_report import (
     SweepReportError,
     build_sweep_report,
     cell_table,
-    load_sweep,
+    read_sweep_folder,
 )
 
 SWEPT = ["privacy.mode", "privacy.target-epsilon", "patients-per-hospital", "seed"]
@@ -137,14 +137,14 @@ def row(*cells: object, bold: bool = False) -> str:
 
 
 def cells_by_mode(folder: Path) -> dict[tuple[str, int], dict[str, Any]]:
-    table = cell_table(load_sweep(folder))
+    table = cell_table(read_sweep_folder(folder))
     return {(r["privacy.mode"], r["patients-per-hospital"]): r for r in table.to_dict("records")}
 
 
 def test_cells_average_over_completed_seeds_and_take_the_worst_hospital(tmp_path: Path) -> None:
     folder = privacy_sweep(tmp_path / "sweep")
 
-    table = cell_table(load_sweep(folder))
+    table = cell_table(read_sweep_folder(folder))
     cells = cells_by_mode(folder)
 
     assert list(table.columns[:3]) == SWEPT[:3] and len(table) == 5  # the seed is not a cell key
@@ -254,7 +254,7 @@ def test_without_swept_seeds_each_trial_is_its_own_cell(tmp_path: Path) -> None:
     ]
     folder = write_sweep(tmp_path / "sweep", trials, seed_key=None)
 
-    table = cell_table(load_sweep(folder))
+    table = cell_table(read_sweep_folder(folder))
 
     assert list(table["privacy.target-epsilon"]) == [4, 8] and "seed" not in table.columns
     assert list(table["n_expected"]) == [1, 1] and list(table["flag"]) == ["", "error"]
@@ -298,7 +298,7 @@ def test_bad_value_in_results_names_the_line(tmp_path: Path) -> None:
     (folder / "results.csv").write_text("\n".join(lines) + "\n")
 
     with pytest.raises(SweepReportError) as caught:
-        load_sweep(folder)
+        read_sweep_folder(folder)
 
     assert str(caught.value).startswith(f"{folder / 'results.csv'}, line 4: column 'value' must be a number")
 
@@ -311,7 +311,7 @@ def test_a_cell_run_with_fewer_seeds_on_purpose_is_not_short(tmp_path: Path) -> 
     ]
     folder = write_sweep(tmp_path / "sweep", trials)  # every trial of sweep.json has reported
 
-    table = cell_table(load_sweep(folder))
+    table = cell_table(read_sweep_folder(folder))
 
     assert list(table["n_expected"]) == [1, 2] and list(table["flag"]) == ["", ""]
 
@@ -327,7 +327,7 @@ def test_report_before_any_trial_reports(tmp_path: Path) -> None:
     assert "t0 and t1" in text and "| t0 | – | – | – | – | not reported |" in text
     assert "No trial failed." in text  # not reported yet is not failed: they may be running
     assert not (folder / DICE_EPSILON_PNG).exists() and not (folder / DICE_ROUNDS_PNG).exists()
-    assert cell_table(load_sweep(folder)).empty
+    assert cell_table(read_sweep_folder(folder)).empty
 
 
 def test_a_retried_trial_counts_its_latest_attempt(tmp_path: Path) -> None:
@@ -340,7 +340,7 @@ def test_a_retried_trial_counts_its_latest_attempt(tmp_path: Path) -> None:
     with (folder / "results.csv").open("a", newline="") as fh:
         csv.writer(fh).writerows(latest.rows())
 
-    cell = cell_table(load_sweep(folder)).iloc[0]
+    cell = cell_table(read_sweep_folder(folder)).iloc[0]
     md_path, _ = build_sweep_report(folder)
 
     assert (cell["n_completed"], cell["n_failed"], cell["flag"]) == (1, 0, "")
@@ -363,7 +363,7 @@ def test_a_swept_strategy_is_one_column_and_one_panel_each(tmp_path: Path) -> No
     one = write_sweep(tmp_path / "one", fedavg)
     two = write_sweep(tmp_path / "two", fedavg + fedprox)
 
-    table = cell_table(load_sweep(two))
+    table = cell_table(read_sweep_folder(two))
     build_sweep_report(one)
     build_sweep_report(two)
 
@@ -376,4 +376,4 @@ def test_a_swept_strategy_is_one_column_and_one_panel_each(tmp_path: Path) -> No
 
 def test_a_path_that_is_not_a_sweep_folder(tmp_path: Path) -> None:
     with pytest.raises(SweepReportError, match="does not exist"):
-        load_sweep(tmp_path / "nowhere")
+        read_sweep_folder(tmp_path / "nowhere")

@@ -26,17 +26,15 @@ import json
 import math
 import os
 import shutil
-import signal
 import sys
 import tempfile
 import threading
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from types import FrameType
 from typing import Any, TextIO
 
-from server.launcher import EXIT_OK, EXIT_RUN_FAILED, UserError, new_launch_id, toml_value
+from server.launcher import EXIT_OK, EXIT_RUN_FAILED, UserError, new_launch_id, stop_signals, toml_value
 from server.sweep_spec import SweepSpec, TrialSpec
 from server.sweep_trial import (
     STATUS_COMPLETED,
@@ -57,7 +55,6 @@ CANCEL_WAIT_S = 60.0
 BACKSTOP_S = 180.0
 """A task still running this long past its trial's timeout is force-cancelled."""
 
-_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 # --------------------------------------------------------------------------- #
@@ -344,26 +341,6 @@ def ray_session(address: str, spec: SweepSpec, max_parallel: int | None) -> Iter
             shutil.rmtree(temp, ignore_errors=True)
 
 
-@contextlib.contextmanager
-def _stop_signals(cancel: threading.Event) -> Iterator[list[int]]:
-    """SIGINT, SIGTERM and SIGHUP set ``cancel`` (main thread only; restored afterwards)."""
-    received: list[int] = []
-    if threading.current_thread() is not threading.main_thread():
-        yield received
-        return
-
-    def handler(signum: int, _frame: FrameType | None) -> None:
-        received.append(signum)
-        cancel.set()
-
-    previous = {sig: signal.signal(sig, handler) for sig in _STOP_SIGNALS}
-    try:
-        yield received
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
-
-
 def _remote_trial() -> Any:
     import ray
 
@@ -411,7 +388,7 @@ def run_sweep(
         folder.previous_records()  # readable, or one sentence before anything starts
     cancel = cancel or threading.Event()
     # Ray's driver installs its own SIGTERM handler (it logs and exits 1): ours go in after it.
-    with ray_session(address, spec, spec.max_parallel) as (parallel, where), _stop_signals(cancel) as received:
+    with ray_session(address, spec, spec.max_parallel) as (parallel, where), stop_signals(cancel) as received:
         done = folder.start(resume, address)
         todo = [t for t in spec.trials if t.trial_id not in done]
         progress = Progress(len(spec.trials), out, skipped=len(spec.trials) - len(todo))

@@ -258,12 +258,12 @@ def test_faulty_sampled_run_is_reproducible_and_resumes_exactly_after_a_kill_and
     monkeypatch.chdir(ROOT)  # the in-process CLI checks below resolve the project from here
     before = _flower_processes()
     common = ["--hospitals", "3", "-c", FAULTY, "-c", f"cache-dir='{tmp_path / 'cache'}' seed=2"]
-    out = {name: tmp_path / name for name in ("a", "a2", "d", "k", "b2", "b3")}
+    out = {name: tmp_path / name for name in ("a", "a2", "k", "b2", "b3")}
 
-    # Four launches side by side: two with the same seed, one with another, and one that is
-    # killed mid-round 4 (its last checkpoint: round 2), then resumed twice: 2 -> 4 -> end.
+    # Three launches side by side: two with the same seed, and one that is killed mid-round 4
+    # (its last checkpoint: round 2), then resumed twice: 2 -> 4 -> end. (That another seed
+    # gives other numbers is checked in tests/test_sweep.py.)
     runs = {name: _start(*common, "-c", f"output-dir='{out[name]}'", log=tmp_path / f"{name}.log") for name in ("a", "a2")}
-    runs["d"] = _start(*common, "-c", f"output-dir='{out['d']}' seed=3 checkpoint.stop-after=1", log=tmp_path / "d.log")
     killed = _kill_mid_round(_start(*common, "-c", f"output-dir='{out['k']}'"), "[ROUND 4/5]")
     logs = {name: _finish(proc) for name, proc in runs.items()}
     k = (out["k"] / "latest").resolve()
@@ -272,7 +272,7 @@ def test_faulty_sampled_run_is_reproducible_and_resumes_exactly_after_a_kill_and
     # A setting that changes no number (checkpoint.keep) does not block a resume.
     _finish(_start(*common, "-c", f"output-dir='{out['b3']}' checkpoint.resume-from='{b2_dir}' checkpoint.keep=3"))
 
-    a, a2, d = ((out[n] / "latest").resolve() for n in ("a", "a2", "d"))
+    a, a2 = ((out[n] / "latest").resolve() for n in ("a", "a2"))
     for name in ("metrics.csv", "privacy.csv", "failures.csv"):
         assert (a / name).read_bytes() == (a2 / name).read_bytes(), name  # same seed: same bytes
     failures = pd.read_csv(a / "failures.csv")
@@ -284,8 +284,6 @@ def test_faulty_sampled_run_is_reproducible_and_resumes_exactly_after_a_kill_and
     crashed = failures[failures["kind"] == "crash"].iloc[0]
     spent = privacy[(privacy["round"] == crashed["round"]) & (privacy["site"] == str(crashed["site"]))]
     assert spent["participated"].tolist() == [1] and spent["steps"].iloc[0] > 0  # its DP-SGD budget is spent
-    rounds_1 = {n: pd.read_csv(p / "metrics.csv").query("round == 1")["value"].to_numpy() for n, p in (("a", a), ("d", d))}
-    assert len(rounds_1["a"]) != len(rounds_1["d"]) or (rounds_1["a"] != rounds_1["d"]).any()  # another seed differs
 
     assert "[ROUND 4/5]" in killed and "Strategy execution finished" not in killed
     assert sorted(p.name for p in (k / "checkpoints").iterdir()) == ["round-0002.ckpt"]

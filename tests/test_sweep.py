@@ -156,7 +156,7 @@ def _cluster_view(address: str) -> dict[str, list]:
 def test_two_node_cluster_sweep_isolates_trials_and_matches_a_plain_run(tmp_path: Path) -> None:
     out, cache = tmp_path / "out", tmp_path / "cache"
     sweep = _sweep_file(tmp_path / "s.toml", out, cache,
-                        "[[trials]]\nseed = 0\n[[trials]]\nseed = 0\nfaults.crash-rate = 1.0\n")
+                        "[[trials]]\nseed = 0\n[[trials]]\nseed = 1\nfaults.crash-rate = 1.0\n")
     folder = out / "e2e"
     opened_log = tmp_path / "opened.json"
     with two_node_cluster(cpus=3) as (address, head_tmp, _node_tmp):
@@ -204,6 +204,10 @@ def test_two_node_cluster_sweep_isolates_trials_and_matches_a_plain_run(tmp_path
         merged = trial.merge(standalone, on=keys, suffixes=("_sweep", "_plain"))
         assert len(merged) == len(standalone) == len(trial) > 20
         assert (merged["value_sweep"] - merged["value_plain"]).abs().max() <= 1e-6
+        # ... and another seed gives another model: the failed trial's round-0 evaluation differs.
+        start = results[(results["round"] == 0) & (results["split"] == "public")].pivot(
+            index="metric", columns="trial", values="value")
+        assert start.shape == (5, 2) and (start[ok["trial"]] - start[bad["trial"]]).abs().max() > 1e-3
 
         # --resume keeps the completed trial and reruns the failed one (here: timed out at 3 s).
         before = results[results["trial"] == ok["trial"]].reset_index(drop=True)

@@ -471,10 +471,8 @@ def run_sweep(
 
 
 def _report(spec: SweepSpec, out: TextIO) -> None:
-    try:
-        from server.sweep_report import build_sweep_report
-    except ImportError:
-        return
+    from server.sweep_report import build_sweep_report
+
     try:
         md, html = build_sweep_report(spec.folder)
     except Exception as err:  # noqa: BLE001 - the results are written; a report failure must not hide them

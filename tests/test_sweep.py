@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -132,9 +133,10 @@ def two_node_cluster(cpus: int = 3) -> Iterator[tuple[str, Path, Path]]:
         deadline = time.monotonic() + 10
         while _alive(procs) and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert not _alive(procs), [_cmdline(p) for p in _alive(procs)]
+        left = [_cmdline(p) for p in _alive(procs)]
         for folder in (head_tmp, node_tmp):
-            subprocess.run(["rm", "-rf", str(folder)], check=False)
+            shutil.rmtree(folder, ignore_errors=True)
+        assert not left, left
 
 
 def _cluster_view(address: str) -> dict[str, list]:

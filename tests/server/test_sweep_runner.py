@@ -13,24 +13,11 @@ import pytest
 from server.launcher import UserError
 from server.sweep_runner import Progress, SweepFolder, long_rows
 from server.sweep_spec import load_sweep
+from tests.server.test_sweep_spec import BASE
 
 ROOT = Path(__file__).resolve().parents[2]
 
-SWEEP = """
-[sweep]
-name = "s"
-output-dir = "{out}"
-[run-config]
-num-server-rounds = 1
-image-size = 32
-unet-channels = "8,16"
-patients-per-hospital = 20
-holdout-per-hospital = 4
-[federation-config]
-num-supernodes = 2
-[grid]
-seed = [0, 1, 2]
-"""
+SWEEP = BASE + "[grid]\nseed = [0, 1, 2]\n"  # the tiny sweep of the spec tests, 3 seeds
 
 METRICS = [["round", "site", "split", "metric", "value"], ["1", "global", "test", "dice_mean", "0.5"],
            ["1", "0", "test", "dice_mean", "0.4"]]

@@ -18,7 +18,15 @@ from common.validation import InvalidParameterError, check_int, did_you_mean
 from sims.faults import CORRUPT_KINDS, FaultSpec
 from sims.world import WorldSpec
 
-STRATEGIES = ("fedavg", "fedprox", "fedadam")
+STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedbn", "local", "pooled")
+"""``fedbn``: FedAvg whose normalisation layers stay at each hospital (Li et al., ICLR 2021);
+``local``: every hospital trains alone, nothing is aggregated; ``pooled``: the hypothetical
+centralised upper bound (the training hospitals' train splits pooled at the server)."""
+NORMS = ("instance", "instance-affine", "group", "batch")
+ARCHETYPES = ("noisy", "blurry", "bias_contrast", "ringing_spikes")  # sims.scanners.SCANNER_ARCHETYPES
+LABEL_NOISE_KINDS = ("erode", "dilate", "miss", "mixed")
+STANDARDIZE = ("none", "zscore", "histogram")
+TTA = ("none", "adabn")
 PRIVACY_MODES = ("off", "sample", "client", "both")
 DP_LAYERS = ("all", "head")
 LR_SCHEDULES = ("cosine", "constant")
@@ -69,6 +77,76 @@ class TrainSpec:
     server_lr: float = 0.01
     unet_channels: tuple[int, ...] = (16, 32, 64, 128)
     clients_per_round: int = 0
+    norm: str = "instance"
+    finetune_epochs: int = 0
+
+
+@dataclass(frozen=True)
+class ShiftSpec:
+    """Who trains, who only evaluates, and what goes wrong at a hospital (the domain-shift scenario).
+
+    The federation's SuperNodes are hospitals ``0..N-1`` (``partition-id``). The last
+    ``unseen_hospitals`` of them never train: each only evaluates the global model on its own
+    data, at its own node. So do the first hospitals whose scanner archetype is
+    ``holdout_archetype`` (leave-one-scanner-out).
+
+    Parameters
+    ----------
+    unseen_hospitals : int
+        The last this-many SuperNodes evaluate only, >= 0.
+    unseen_severities : tuple of float
+        Scanner severities of the unseen hospitals, each in ``[0, 3]``; unseen hospital
+        ``u`` (0-based) gets ``unseen_severities[(u // 4) % len]``, so four consecutive unseen
+        hospitals cover the four scanner archetypes at one severity. Empty: the world's
+        ``scanner-severity``.
+    holdout_archetype : str
+        ``"none"`` or one of :data:`ARCHETYPES`: training-position hospitals with this
+        scanner archetype never train (an unseen scanner at the training severity).
+    late_join_round : int
+        0, or the round from which the last training hospital trains (it evaluates every
+        round; before it joins the model has never seen its scanner).
+    label_noise_hospital : int
+        -1, or the training hospital whose annotations are noisy (every split).
+    label_noise_rate : float
+        Share of that hospital's patients whose label map is corrupted, in ``[0, 1]``.
+    label_noise_kind : str
+        One of :data:`LABEL_NOISE_KINDS`.
+    """
+
+    unseen_hospitals: int = 0
+    unseen_severities: tuple[float, ...] = ()
+    holdout_archetype: str = "none"
+    late_join_round: int = 0
+    label_noise_hospital: int = -1
+    label_noise_rate: float = 0.0
+    label_noise_kind: str = "mixed"
+
+
+@dataclass(frozen=True)
+class MitigationSpec:
+    """Switches that narrow a scanner shift.
+
+    Parameters
+    ----------
+    standardize : str
+        ``"none"``; ``"zscore"``: per-image z-score over the foreground; ``"histogram"``:
+        histogram standardisation (Nyul & Udupa) to landmarks learnt federatedly (each
+        hospital shares its mean percentile landmarks, never an image).
+    scanner_augment : bool
+        Random scanner effects (MONAI random intensity transforms) at training time.
+    tta : str
+        ``"none"`` or ``"adabn"``: an unseen hospital re-estimates the BatchNorm statistics
+        from its own unlabelled images before it evaluates (needs ``norm = "batch"``).
+    """
+
+    standardize: str = "none"
+    scanner_augment: bool = False
+    tta: str = "none"
+
+    def label(self) -> str:
+        """``"none"`` or the switches that are on, joined with ``+`` (e.g. ``histogram+augment``)."""
+        parts = [p for p in (self.standardize, "augment" if self.scanner_augment else "none", self.tta) if p != "none"]
+        return "+".join(parts) or "none"
 
 
 @dataclass(frozen=True)
@@ -176,6 +254,9 @@ class FedscanConfig:
     privacy: PrivacySpec = PrivacySpec()
     checkpoint: CheckpointSpec = CheckpointSpec()
     faults: FaultSpec = FaultSpec()
+    shift: ShiftSpec = ShiftSpec()
+    mitigation: MitigationSpec = MitigationSpec()
+    scenario: str = "none"
     output_dir: str = "outputs"
     cache_dir: str = ".cache/fedscan"
 
@@ -217,7 +298,7 @@ class FedscanConfig:
         for key, (section, field, _) in KEYS.items():
             if section in ("paths", "checkpoint"):
                 continue
-            value = record[section][field]
+            value = record[field] if section == "top" else record[section][field]
             flat[key] = list(value) if isinstance(value, tuple) else value
         flat["num-supernodes"] = num_hospitals
         flat["data-format-version"] = FORMAT_VERSION
@@ -330,6 +411,32 @@ def _channels(key: str, value: Any) -> tuple[int, ...]:
     return channels
 
 
+def _severities(key: str, value: Any) -> tuple[float, ...]:
+    if isinstance(value, str) and value.strip().lower() == "same":
+        return ()
+    try:
+        levels = tuple(float(part) for part in str(value).split(","))
+    except ValueError:
+        levels = ()
+    if not levels or any(not (math.isfinite(v) and 0.0 <= v <= 3.0) for v in levels):
+        raise ConfigError(
+            f"The '{key}' parameter must be \"same\" or comma-separated floats in [0, 3], e.g. \"2,3\". "
+            f"Got {value!r} instead."
+        )
+    return levels
+
+
+def _name(key: str, value: Any) -> str:
+    import re
+
+    if not isinstance(value, str) or not re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,63}", value):
+        raise ConfigError(
+            f"The '{key}' parameter must be \"none\" or a scenario name (lower-case letters, digits, '_' or '-'). "
+            f"Got {value!r} instead."
+        )
+    return value
+
+
 _Parser = Callable[[str, Any], Any]
 KEYS: dict[str, tuple[str, str, _Parser]] = {
     "num-server-rounds": ("train", "num_server_rounds", _int_in(1, 10_000)),
@@ -377,6 +484,19 @@ KEYS: dict[str, tuple[str, str, _Parser]] = {
     "faults.corrupt-kind": ("faults", "corrupt_kind", _choice(CORRUPT_KINDS)),
     "faults.round-timeout": ("faults", "round_timeout", _float_in(0.0, 86_400.0, lo_open=True)),
     "faults.min-available": ("faults", "min_available", _int_in(1, 10**6)),
+    "norm": ("train", "norm", _choice(NORMS)),
+    "finetune-epochs": ("train", "finetune_epochs", _int_in(0, 1000)),
+    "scenario": ("top", "scenario", _name),
+    "shift.unseen-hospitals": ("shift", "unseen_hospitals", _int_in(0, 10**6)),
+    "shift.unseen-severities": ("shift", "unseen_severities", _severities),
+    "shift.holdout-archetype": ("shift", "holdout_archetype", _choice(("none", *ARCHETYPES))),
+    "shift.late-join-round": ("shift", "late_join_round", _int_in(0, 10**6)),
+    "shift.label-noise-hospital": ("shift", "label_noise_hospital", _int_in(-1, 10**6)),
+    "shift.label-noise-rate": ("shift", "label_noise_rate", _float_in(0.0, 1.0)),
+    "shift.label-noise-kind": ("shift", "label_noise_kind", _choice(LABEL_NOISE_KINDS)),
+    "mitigation.standardize": ("mitigation", "standardize", _choice(STANDARDIZE)),
+    "mitigation.scanner-augment": ("mitigation", "scanner_augment", _bool),
+    "mitigation.tta": ("mitigation", "tta", _choice(TTA)),
     "output-dir": ("paths", "output_dir", _path),
     "cache-dir": ("paths", "cache_dir", _path),
 }
@@ -415,7 +535,8 @@ def config_from_run_config(run_config: Mapping[str, Any]) -> FedscanConfig:
     """
     check_known_keys(list(run_config))
     sections: dict[str, dict[str, Any]] = {
-        "world": {}, "train": {}, "privacy": {}, "checkpoint": {}, "faults": {}, "paths": {}
+        "world": {}, "train": {}, "privacy": {}, "checkpoint": {}, "faults": {}, "shift": {}, "mitigation": {},
+        "top": {}, "paths": {},
     }
     for key, value in run_config.items():
         section, field, parse = KEYS[key]
@@ -438,9 +559,70 @@ def config_from_run_config(run_config: Mapping[str, Any]) -> FedscanConfig:
             "The 'faults.crash-rate', 'faults.straggle-rate' and 'faults.corrupt-rate' parameters must sum "
             f"to at most 1 (each is a share of the hospitals in a round). Got {rates:g} instead."
         )
+    shift = ShiftSpec(**sections["shift"])
+    mitigation = MitigationSpec(**sections["mitigation"])
+    _check_scenario(train, privacy, shift, mitigation)
     return FedscanConfig(
-        world=world, train=train, privacy=privacy, checkpoint=checkpoint, faults=faults, **sections["paths"]
+        world=world, train=train, privacy=privacy, checkpoint=checkpoint, faults=faults, shift=shift,
+        mitigation=mitigation, **sections["top"], **sections["paths"]
     )
+
+
+def _check_scenario(train: TrainSpec, privacy: PrivacySpec, shift: ShiftSpec, mitigation: MitigationSpec) -> None:
+    """Combinations that cannot work, one sentence each (hospital counts: server.preflight)."""
+    if train.norm == "batch" and privacy.sample_level:
+        raise ConfigError(
+            "The 'norm' parameter cannot be \"batch\" with sample-level DP (privacy.mode = "
+            f"{privacy.mode!r}): BatchNorm mixes patients in a batch, so per-patient clipping would not bound "
+            "one patient's influence (Opacus refuses it). Use \"group\" or \"instance-affine\"."
+        )
+    if train.strategy == "fedbn" and train.norm == "instance":
+        raise ConfigError(
+            "The 'strategy' parameter is \"fedbn\", which keeps normalisation layers local, but 'norm' = "
+            "\"instance\" has no parameters to keep. Set 'norm' to \"batch\" (no DP), \"group\" or "
+            "\"instance-affine\"."
+        )
+    if mitigation.tta == "adabn" and train.norm != "batch":
+        raise ConfigError(
+            "The 'mitigation.tta' parameter \"adabn\" re-estimates BatchNorm statistics and needs 'norm' = "
+            f"\"batch\". Got norm {train.norm!r} instead (instance and group norms need no re-estimation)."
+        )
+    if train.strategy == "pooled" and privacy.mode != "off":
+        raise ConfigError(
+            "The 'strategy' parameter \"pooled\" (the centralised, non-private upper bound) needs "
+            f"'privacy.mode' = \"off\". Got {privacy.mode!r} instead."
+        )
+    if train.strategy in ("local", "pooled") and privacy.client_level:
+        raise ConfigError(
+            f"The 'strategy' parameter {train.strategy!r} aggregates no hospital update, so client-level DP "
+            f"(privacy.mode = {privacy.mode!r}) has nothing to protect. Use \"off\" or \"sample\"."
+        )
+    if shift.late_join_round > train.num_server_rounds:
+        raise ConfigError(
+            f"The 'shift.late-join-round' parameter must be 0 or at most 'num-server-rounds' = "
+            f"{train.num_server_rounds}. Got {shift.late_join_round} instead."
+        )
+    if shift.late_join_round and privacy.client_level:
+        raise ConfigError(
+            "The 'shift.late-join-round' parameter must be 0 with client-level DP: the accounting assumes m of the "
+            f"same K hospitals are sampled every round. Got {shift.late_join_round} with privacy.mode = "
+            f"{privacy.mode!r}."
+        )
+    if train.finetune_epochs and privacy.sample_level:
+        raise ConfigError(
+            "The 'finetune-epochs' parameter must be 0 with sample-level DP: fine-tuning would spend privacy budget "
+            f"that the plan does not account. Got {train.finetune_epochs} with privacy.mode = {privacy.mode!r}."
+        )
+    if shift.late_join_round and train.clients_per_round:
+        raise ConfigError(
+            "The 'shift.late-join-round' parameter needs every hospital to train each round "
+            f"('clients-per-round' = 0). Got clients-per-round = {train.clients_per_round}."
+        )
+    if train.finetune_epochs and train.strategy in ("local", "pooled"):
+        raise ConfigError(
+            "The 'finetune-epochs' parameter fine-tunes the federated model at each hospital; it must be 0 with "
+            f"strategy {train.strategy!r}. Got {train.finetune_epochs} instead."
+        )
 
 
 def _agree_on_clients_per_round(train: TrainSpec, privacy: PrivacySpec) -> tuple[TrainSpec, PrivacySpec]:

@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
-        (["-c", "strategy='fedsgd'"], "The 'strategy' parameter must be one of fedavg, fedprox, fedadam. Got 'fedsgd'"),
+        (["-c", "strategy='fedsgd'"], "The 'strategy' parameter must be one of fedavg, fedprox, fedadam, fedbn, local, pooled. Got 'fedsgd'"),
         (["-c", "lr=-0.01"], "The 'lr' parameter must be a float in (0, 1]. Got -0.01 instead."),
         (["-c", "image-size=50"], "'image-size'"),
         (["-c", "num-server-round=3"], "Did you mean 'num-server-rounds'?"),

@@ -43,7 +43,7 @@ def test_config_is_frozen() -> None:
 @pytest.mark.parametrize(
     ("key", "value", "expected"),
     [
-        ("strategy", "fedsgd", r"The 'strategy' parameter must be one of fedavg, fedprox, fedadam\. Got 'fedsgd'"),
+        ("strategy", "fedsgd", r"The 'strategy' parameter must be one of fedavg, fedprox, fedadam, fedbn, local, pooled\. Got 'fedsgd'"),
         ("strategy", "fedavgg", r"Did you mean 'fedavg'\?"),
         ("lr", -0.1, r"The 'lr' parameter must be a float in \(0, 1\]\. Got -0\.1 instead\."),
         ("lr", "fast", r"'lr' .* Got 'fast'"),

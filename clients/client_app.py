@@ -41,8 +41,10 @@ app = ClientApp()
 
 LEDGER_KEY = "privacy-ledger"
 STATUS_KEY = "hospital-status"
+LOCAL_KEY = "local-weights"  # what never leaves the hospital: FedBN's norm layers, a local-only model
 BUDGET_EXHAUSTED = 4001  # Error code of a reply that declines a round to protect the budget
 HOSPITAL_CRASHED = 4002  # Error code of a simulated crash after training (server/driver.py)
+NOT_TRAINING = 4003  # Error code of a hospital asked to train in a round it does not train (evaluate-only)
 
 
 def _number(record: ConfigRecord | UserConfig, key: str, default: float | None = None) -> float:
@@ -57,10 +59,12 @@ def _int(record: ConfigRecord | UserConfig, key: str, default: int | None = None
     return int(_number(record, key, default))
 
 
-def _hospital(context: Context) -> Hospital:
-    config = config_from_run_config(context.run_config)
+def _hospital(context: Context, config: ConfigRecord | None = None) -> Hospital:
+    run_config = config_from_run_config(context.run_config)
+    standard = config.get("hist-standard", []) if config is not None else []
     return Hospital.from_partition(
-        config, _int(context.node_config, "partition-id"), _int(context.node_config, "num-partitions")
+        run_config, _int(context.node_config, "partition-id"), _int(context.node_config, "num-partitions"),
+        hist_standard=tuple(float(v) for v in standard) if isinstance(standard, list) else (),
     )
 
 
@@ -104,6 +108,8 @@ def _restore_if_resuming(hospital: Hospital, context: Context, config: ConfigRec
     context.state[STATUS_KEY] = ConfigRecord(state["status"])
     if state["ledger"]["round"]:
         context.state[LEDGER_KEY] = ConfigRecord(state["ledger"])
+    if state.get("tensors"):
+        context.state[LOCAL_KEY] = ArrayRecord({k: Array(v.numpy()) for k, v in state["tensors"].items()})
     _persist(hospital, context, config, resume_round)
 
 
@@ -121,24 +127,70 @@ def _persist(hospital: Hospital, context: Context, config: ConfigRecord, server_
         "status": dict(status),
         "first-saved": _int(status, "first-saved"),
     }
+    local = context.state.array_records.get(LOCAL_KEY)
     save_state(
         run_dir, str(config["key-root"]), hospital.site, server_round, _config_hash(hospital, context), state,
         kept_server_rounds=kept, create_keys=bool(_int(config, "key-create", 0)),
+        tensors=local.to_torch_state_dict() if local is not None else None,
     )
 
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    """The server's roll call: say which hospital this is (and restore state on a resume)."""
+    """The server's roll call: say which hospital this is (and restore state on a resume).
+
+    With ``summaries`` in the request, also send two summaries of this hospital's images (never
+    an image): the intensity histogram of its test split (the shift measure) and, for histogram
+    standardisation, its percentile landmarks.
+    """
+    config = msg.content.config_records["config"]
     hospital = _hospital(context)
-    _restore_if_resuming(hospital, context, msg.content.config_records["config"])
-    return Message(RecordDict({"metrics": MetricRecord({"site": hospital.site})}), reply_to=msg)
+    _restore_if_resuming(hospital, context, config)
+    values: dict[str, int | float | list[int] | list[float]] = {"site": hospital.site}
+    if _int(config, "summaries", 0):
+        values["histogram"] = [float(v) for v in hospital.intensity_histogram()]
+        if hospital.config.mitigation.standardize == "histogram":
+            values["landmarks"] = [float(v) for v in hospital.landmarks()]
+    return Message(RecordDict({"metrics": MetricRecord(values)}), reply_to=msg)
+
+
+def _local_weights(hospital: Hospital, model: torch.nn.Module, context: Context) -> None:
+    """Put this hospital's own weights into ``model`` (in place): its whole local model under
+    ``strategy = "local"``, its normalisation layers under ``"fedbn"`` (none before it first trains)."""
+    local = context.state.array_records.get(LOCAL_KEY)
+    if local is None or hospital.config.train.strategy not in ("local", "fedbn"):
+        return
+    from scenarios.normalization import merge_local
+
+    model.load_state_dict(merge_local(model.state_dict(), local.to_torch_state_dict()))
+
+
+def _keep_local(hospital: Hospital, model: torch.nn.Module, received: dict[str, torch.Tensor], context: Context
+                ) -> dict[str, torch.Tensor]:
+    """After training: store what stays here; return the update to send.
+
+    ``local``: the whole model stays (and is also sent: the server keeps it for the
+    site-by-site evaluation, never averages it). ``fedbn``: the normalisation layers stay; the
+    update carries the values it received for them, so nothing of them leaves the hospital.
+    """
+    state = model.state_dict()
+    strategy = hospital.config.train.strategy
+    if strategy == "local":
+        context.state[LOCAL_KEY] = ArrayRecord(state)
+    elif strategy == "fedbn":
+        from scenarios.normalization import local_state_names, split_local
+
+        names = local_state_names(model)
+        shared, local = split_local(state, names)
+        context.state[LOCAL_KEY] = ArrayRecord({k: v.detach().clone() for k, v in local.items()})
+        state = {**shared, **{k: received[k] for k in names}}
+    return state
 
 
 def _open(msg: Message, context: Context) -> tuple[Hospital, ConfigRecord, int, torch.nn.Module]:
     """What every message starts with: the hospital, its round, the global model."""
-    hospital = _hospital(context)
     config = msg.content.config_records["config"]
+    hospital = _hospital(context, config)
     _restore_if_resuming(hospital, context, config)
     model = hospital.new_model()
     model.load_state_dict(msg.content.array_records["arrays"].to_torch_state_dict())
@@ -150,6 +202,12 @@ def train(msg: Message, context: Context) -> Message:
     """Train the global model locally (DP-SGD when sample-level DP is on) and reply."""
     hospital, config, server_round, model = _open(msg, context)
     status = _status(context)
+    if hospital.role is not None and not hospital.role.trains_in(server_round):
+        when = f"from round {hospital.role.join_round}" if hospital.role.join_round else "never (it evaluates only)"
+        reason = f"hospital {hospital.site} was asked to train in round {server_round} but trains {when}"
+        return Message(Error(code=NOT_TRAINING, reason=reason), reply_to=msg)
+    received = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    _local_weights(hospital, model, context)
 
     if hospital.config.privacy.sample_level:
         ledger = _ledger(context)
@@ -173,6 +231,7 @@ def train(msg: Message, context: Context) -> Message:
         result = hospital.train(model, server_round, proximal_mu=_number(config, "proximal-mu", 0.0))
     status["trained-round"] = server_round
     status["steps"] = result.steps
+    outgoing = _keep_local(hospital, model, received, context)
     _persist(hospital, context, config, server_round)
 
     faults, seed = hospital.config.faults, hospital.config.seed
@@ -183,7 +242,7 @@ def train(msg: Message, context: Context) -> Message:
     if fault == "straggle":  # reply just after the server's deadline for this round
         reply_by = _number(config, "reply-by", time.time() + faults.round_timeout)
         time.sleep(max(0.0, reply_by - time.time()) + faults.straggle_margin)
-    update = ArrayRecord(model.state_dict())
+    update = ArrayRecord(outgoing)
     if fault == "corrupt":
         corruption = corruption_for(faults, seed=seed, site=hospital.site, server_round=server_round)
         bad = corrupt_arrays({k: v.numpy() for k, v in update.items()}, corruption)
@@ -205,13 +264,39 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    """Evaluate the global model on this hospital's test split; report its privacy state."""
+    """Evaluate on this hospital's test split; report its privacy state.
+
+    What is evaluated: the model sent, as sent, when the server asks for a site-by-site
+    evaluation (``cross-model`` = the hospital whose local model it is; keys ``model-<i>/...``);
+    at an unseen hospital the global model, and with ``mitigation.tta = "adabn"`` also the
+    global model after re-estimating its BatchNorm statistics here (``unseen-tta/...``);
+    otherwise the model this hospital uses (the global one, with its own normalisation layers
+    under FedBN, its own model under local-only) and, in the final round with
+    ``finetune-epochs``, that model fine-tuned here (``finetuned/...``).
+    """
     hospital, config, server_round, model = _open(msg, context)
-    scores, n = hospital.evaluate(model, "test")
+    values: dict[str, float] = {}
+    if "cross-model" in config:
+        scores, n = hospital.evaluate(model, "test")
+        values = {f"model-{_int(config, 'cross-model')}/{k}": v for k, v in scores.items()}
+    elif not hospital.trains:
+        scores, n = hospital.evaluate(model, "test")
+        values = dict(scores)
+        if hospital.config.mitigation.tta == "adabn":
+            hospital.adapt(model)
+            adapted, _ = hospital.evaluate(model, "test")
+            values.update({f"unseen-tta/{k}": v for k, v in adapted.items()})
+    else:
+        _local_weights(hospital, model, context)
+        scores, n = hospital.evaluate(model, "test")
+        values = {**scores, **_privacy_metrics(hospital, context, server_round)}
+        if hospital.config.train.finetune_epochs and server_round == hospital.config.train.num_server_rounds:
+            hospital.finetune(model)
+            tuned, _ = hospital.evaluate(model, "test")
+            values.update({f"finetuned/{k}": v for k, v in tuned.items()})
     metrics = MetricRecord(
         {
-            **scores,
-            **_privacy_metrics(hospital, context, server_round),
+            **values,
             "num-examples": n,
             "uniform-weight": 1,
             "site": hospital.site,

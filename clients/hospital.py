@@ -5,6 +5,7 @@ Flower-free, so the ClientApp adapter stays thin and tests can drive a hospital 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -13,13 +14,16 @@ import torch
 
 from privacy.events import DPEvent
 from privacy.ledger import PrivacyLedger
-from sims.anatomy import class_names
-from sims.config import FedscanConfig, round_lr
+from scenarios.domain_shift import SiteRole, federation_specs, site_roles
+from sims.anatomy import LESION, class_names
+from sims.config import FedscanConfig, MitigationSpec, round_lr
 from sims.evaluation import evaluate_segmentation
-from sims.hospitals import HospitalSpec, WorldSpec, load_hospital, make_federation
+from sims.hospitals import HospitalSpec, WorldSpec, load_hospital
 from sims.model import head_parameter_names, make_model
-from sims.seeding import make_torch_generator
+from sims.seeding import make_rng, make_torch_generator
 from sims.training import LocalTrainResult, augment_batch, make_loss, train_one_round
+
+BatchTransform = Callable[[torch.Tensor, torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.Tensor]]
 
 
 @lru_cache(maxsize=8)
@@ -31,27 +35,121 @@ def _hospital_data(
     return load_hospital(world, spec, cache_dir)
 
 
+@lru_cache(maxsize=16)
+def _landmarks(world: WorldSpec, spec: HospitalSpec, cache_dir: str) -> tuple[float, ...]:
+    from scenarios.mitigations import image_landmarks
+
+    return tuple(float(v) for v in image_landmarks(_hospital_data(world, spec, cache_dir)["train"][0]))
+
+
+@lru_cache(maxsize=16)
+def _prepared(
+    world: WorldSpec, spec: HospitalSpec, cache_dir: str, split: str, noise: tuple[float, str],
+    mitigation: MitigationSpec, own_landmarks: tuple[float, ...], standard: tuple[float, ...],
+) -> tuple[np.ndarray, np.ndarray]:
+    """One split after the hospital's annotation noise and intensity standardisation."""
+    images, labels = _hospital_data(world, spec, cache_dir)[split]
+    rate, kind = noise
+    if rate > 0:
+        from scenarios.label_noise import corrupt_labels
+
+        rng = make_rng(world.seed, spec.hospital_id, split, "label-noise")
+        labels = corrupt_labels(labels, rate=rate, kind=kind, rng=rng, lesion_class=LESION if world.lesions else None)
+    if mitigation.standardize == "zscore":
+        from scenarios.mitigations import zscore_images
+
+        images = zscore_images(images)
+    elif mitigation.standardize == "histogram" and standard:
+        from scenarios.mitigations import apply_histogram_standardization
+
+        images = apply_histogram_standardization(images, np.asarray(own_landmarks), np.asarray(standard))
+    return images, labels
+
+
 @dataclass(frozen=True)
 class Hospital:
-    """One simulated hospital (a Flower SuperNode's ``partition-id``)."""
+    """One simulated hospital (a Flower SuperNode's ``partition-id``).
+
+    ``hist_standard`` is the federation's histogram-standardisation scale (the mean of the
+    training hospitals' landmarks, from the server), used with ``mitigation.standardize =
+    "histogram"``; empty until the server has it.
+    """
 
     config: FedscanConfig
     spec: HospitalSpec
+    role: SiteRole | None = None
+    hist_standard: tuple[float, ...] = ()
 
     @classmethod
-    def from_partition(cls, config: FedscanConfig, partition_id: int, num_partitions: int) -> Hospital:
-        specs = make_federation(config.world, num_partitions)
-        return cls(config=config, spec=specs[partition_id])
+    def from_partition(
+        cls, config: FedscanConfig, partition_id: int, num_partitions: int, *, hist_standard: tuple[float, ...] = ()
+    ) -> Hospital:
+        specs = federation_specs(config, num_partitions)
+        role = site_roles(config, num_partitions)[partition_id]
+        return cls(config=config, spec=specs[partition_id], role=role, hist_standard=tuple(hist_standard))
 
     @property
     def site(self) -> int:
         return self.spec.hospital_id
 
-    def data(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+    @property
+    def trains(self) -> bool:
+        """Whether this hospital ever trains (an unseen hospital only evaluates)."""
+        return self.role is None or self.role.join_round > 0
+
+    def raw_data(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+        """A split as the scanner made it (no annotation noise, no standardisation)."""
         return _hospital_data(self.config.world, self.spec, self.config.cache_dir)[split]
 
+    def data(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+        """A split as this hospital trains and evaluates on it: its own annotations (noisy when
+        ``shift.label-noise-hospital`` names it) and the standardisation ``mitigation`` asks for."""
+        mitigation = self.config.mitigation
+        noise = (self.role.label_noise_rate if self.role else 0.0, self.config.shift.label_noise_kind)
+        if noise[0] == 0 and mitigation.standardize == "none":
+            return self.raw_data(split)
+        own: tuple[float, ...] = ()
+        if mitigation.standardize == "histogram" and self.hist_standard:
+            own = tuple(float(v) for v in self.landmarks())
+        return _prepared(self.config.world, self.spec, self.config.cache_dir, split, noise, mitigation, own,
+                         self.hist_standard)
+
+    def landmarks(self) -> np.ndarray:
+        """This hospital's histogram landmarks (mean foreground percentiles of its train images): a
+        summary of P numbers, what it shares for federated histogram standardisation."""
+        return np.asarray(_landmarks(self.config.world, self.spec, self.config.cache_dir))
+
+    def intensity_histogram(self) -> np.ndarray:
+        """The normalised intensity histogram of its test images (a summary), for the shift measure."""
+        from scenarios.shift_measures import intensity_histogram
+
+        return intensity_histogram(self.raw_data("test")[0])
+
     def new_model(self) -> torch.nn.Module:
-        return make_model(len(class_names(self.config.world.lesions)), self.config.train.unet_channels)
+        t = self.config.train
+        return make_model(len(class_names(self.config.world.lesions)), t.unet_channels, norm=t.norm)
+
+    def batch_transform(self) -> BatchTransform | None:
+        """The training-time augmentation: flips/gain/gamma (``augment``), then random scanner
+        effects (``mitigation.scanner-augment``); ``None`` when both are off."""
+        steps: list[BatchTransform] = []
+        if self.config.world.augment:
+            steps.append(augment_batch)
+        if self.config.mitigation.scanner_augment:
+            from scenarios.mitigations import scanner_augment_batch
+
+            steps.append(scanner_augment_batch)
+        if not steps:
+            return None
+        if len(steps) == 1:
+            return steps[0]
+
+        def chain(x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+            for step in steps:
+                x, y = step(x, y, generator)
+            return x, y
+
+        return chain
 
     def train(self, model: torch.nn.Module, server_round: int, *, proximal_mu: float = 0.0) -> LocalTrainResult:
         """One round of local training on the train split, in place."""
@@ -65,9 +163,28 @@ class Hospital:
             lr=round_lr(t, server_round),
             batch_size=t.batch_size,
             generator=make_torch_generator(self.config.seed, self.site, server_round, "train"),
-            augment=self.config.world.augment,
+            augment=False,
+            transform=self.batch_transform(),
             proximal_mu=proximal_mu,
         )
+
+    def finetune(self, model: torch.nn.Module) -> LocalTrainResult:
+        """Personalisation: ``finetune-epochs`` epochs of local training of ``model`` (in place)
+        at the run's base learning rate; its own random stream."""
+        images, labels = self.data("train")
+        t = self.config.train
+        return train_one_round(
+            model, images, labels, epochs=t.finetune_epochs, lr=t.lr, batch_size=t.batch_size,
+            generator=make_torch_generator(self.config.seed, self.site, t.num_server_rounds, "finetune"),
+            augment=False, transform=self.batch_transform(),
+        )
+
+    def adapt(self, model: torch.nn.Module) -> int:
+        """AdaBN test-time adaptation (in place): re-estimate the BatchNorm statistics from this
+        hospital's unlabelled train images; returns the number of layers adapted."""
+        from scenarios.normalization import adapt_batch_norm
+
+        return adapt_batch_norm(model, self.data("train")[0], batch_size=self.config.train.batch_size * 4)
 
     # ------------------------------------------------------------------ privacy
 
@@ -125,7 +242,7 @@ class Hospital:
             max_grad_norm=p.max_grad_norm,
             lr=round_lr(t, server_round),
             generator=make_torch_generator(self.config.seed, self.site, server_round, "dp-sgd"),
-            transform=augment_batch if self.config.world.augment else None,
+            transform=self.batch_transform(),
         )
         for weight in frozen:
             weight.requires_grad_(True)

@@ -14,9 +14,11 @@ written to, by the hospital on first use.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from privacy.checkpoint import CheckpointError, read_checkpoint, write_checkpoint
 from privacy.keys import Keyring, generate_keyring, load_keyring
@@ -74,11 +76,13 @@ def save_state(
     *,
     kept_server_rounds: Iterable[int],
     create_keys: bool,
+    tensors: Mapping[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write hospital ``site``'s state after ``server_round``; prune what no kept checkpoint needs.
 
     ``state["first-saved"]`` (the round of the hospital's first saved state, carried from
-    file to file) tells a later resume "no state yet" from "state pruned".
+    file to file) tells a later resume "no state yet" from "state pruned". ``tensors`` are the
+    weights that never leave the hospital (FedBN's normalisation layers, a local-only model).
     """
     path = write_checkpoint(
         state_path(run_dir, site, server_round),
@@ -87,7 +91,7 @@ def save_state(
         run_id=f"hospital-{site}",
         round=server_round,
         config_hash=config_hash,
-        tensors={},
+        tensors=dict(tensors or {}),
         state=state,
     )
     saved = _saved_rounds(run_dir, site)
@@ -104,6 +108,8 @@ def load_state(
     """The state hospital ``site`` had after ``server_round`` in the run ``run_dir``.
 
     ``None`` if the hospital had no state yet after ``server_round`` (it had not trained).
+    The weights it keeps locally, if it has any, come back under ``state["tensors"]`` (name -> tensor,
+    bit-identical to those saved).
 
     Raises
     ------
@@ -112,12 +118,16 @@ def load_state(
     """
 
     def read(rnd: int) -> dict[str, Any]:
-        return read_checkpoint(
+        checkpoint = read_checkpoint(
             state_path(run_dir, site, rnd),
             keyring=hospital_keyring(key_root, site),
             expected_run_id=f"hospital-{site}",
             expected_config_hash=config_hash,
-        ).state
+        )
+        state = dict(checkpoint.state)
+        if checkpoint.tensors:
+            state["tensors"] = dict(checkpoint.tensors)
+        return state
 
     saved = _saved_rounds(run_dir, site)
     older = [r for r in saved if r <= server_round]

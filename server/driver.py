@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
 from typing import Any
@@ -46,6 +46,11 @@ BUDGET_EXHAUSTED = 4001  # Error code of a reply that declines a round to protec
 HOSPITAL_CRASHED = 4002  # Error code of a (simulated) hospital that failed after training
 
 RoundConfig = Callable[[int], dict[str, Any]]
+MessageSink = Callable[[list[tuple[int, str, str, int]]], None]
+Job = tuple[int, ArrayRecord, dict[str, Any]]
+"""An evaluation the server asks of one hospital: ``(hospital id, arrays, extra config)``."""
+Ask = Callable[[list[Job], str], list[Message]]
+"""``ask(jobs, phase)`` sends each job as an EVALUATE message and returns the usable replies."""
 
 
 class FederationError(RuntimeError):
@@ -53,14 +58,22 @@ class FederationError(RuntimeError):
 
 
 class SiteOrderedGrid:
-    """A :class:`Grid` whose node ids come in hospital order (Flower's are random per run)."""
+    """A :class:`Grid` whose node ids come in hospital order (Flower's are random per run).
 
-    def __init__(self, grid: Grid, site_of: dict[int, int]) -> None:
+    With ``sites``, only those hospitals' nodes are listed: a strategy given this grid can
+    neither sample nor address any other (an evaluate-only hospital is never asked to train).
+    """
+
+    def __init__(self, grid: Grid, site_of: dict[int, int], sites: Collection[int] | None = None) -> None:
         self._grid = grid
         self._site_of = site_of
+        self._sites = None if sites is None else set(sites)
 
     def get_node_ids(self) -> list[int]:
-        return sorted(self._grid.get_node_ids(), key=lambda n: self._site_of.get(n, 1 << 62))
+        nodes = self._grid.get_node_ids()
+        if self._sites is not None:
+            nodes = [n for n in nodes if self._site_of.get(n) in self._sites]
+        return sorted(nodes, key=lambda n: self._site_of.get(n, 1 << 62))
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._grid, name)
@@ -75,10 +88,14 @@ class Exchange:
     pending: list[str] = field(default_factory=list)  # message ids still out (stragglers)
 
 
-def roll_call(grid: Grid, config: dict[str, Any], *, timeout: float, expected: int) -> dict[int, int]:
+def roll_call(
+    grid: Grid, config: dict[str, Any], *, timeout: float, expected: int,
+    summaries: dict[int, MetricRecord] | None = None,
+) -> dict[int, int]:
     """Ask every node which hospital it is; each hospital also restores its state if resuming.
 
-    Returns ``{node id: hospital id}``.
+    Returns ``{node id: hospital id}``; ``summaries``, when given, is filled with each
+    hospital's reply (``{hospital id: MetricRecord}``: summaries of its images it was asked for).
 
     Raises
     ------
@@ -99,6 +116,8 @@ def roll_call(grid: Grid, config: dict[str, Any], *, timeout: float, expected: i
         if isinstance(site, bool) or not isinstance(site, int | float):
             raise FederationError(f"A hospital answered the roll call with site {site!r}, not a number.")
         site_of[reply.metadata.src_node_id] = int(site)
+        if summaries is not None:
+            summaries[int(site)] = reply.content.metric_records["metrics"]
     if len(site_of) < len(node_ids) or len(set(site_of.values())) != len(site_of) or len(site_of) != expected:
         raise FederationError(
             f"The roll call heard {len(set(site_of.values()))} distinct hospitals of {expected} within {timeout:g} s."
@@ -149,13 +168,18 @@ def exchange(
     site_of: dict[int, int],
     timeout: float,
     reference: dict[str, np.ndarray] | None = None,
+    message_sink: MessageSink | None = None,
 ) -> Exchange:
     """Send ``messages``, collect replies until ``timeout``, and sort them into usable and failed.
 
     Usable replies come back in hospital order. With ``reference`` (the global model's arrays)
-    each reply's update is checked against it (:func:`check_update`).
+    each reply's update is checked against it (:func:`check_update`). ``message_sink`` hears
+    ``(round, phase, message type, hospital)`` for every message sent (``messages.csv``).
     """
     messages = list(messages)
+    if message_sink is not None:
+        message_sink([(server_round, phase, m.metadata.message_type, site_of.get(m.metadata.dst_node_id, -1))
+                      for m in messages])
     dst_of: dict[str, int] = {}
     ids = list(grid.push_messages(messages))
     for msg_id, msg in zip(ids, messages, strict=True):
@@ -226,6 +250,11 @@ def run_rounds(
     min_available: int = 1,
     stop_after: int = 0,
     before_round: Callable[[int], str | None] | None = None,
+    train_sites: Callable[[int], Collection[int]] | None = None,
+    evaluate_sites: Collection[int] | None = None,
+    after_evaluate: Callable[[int, ArrayRecord, Ask], None] | None = None,
+    on_roll_call: Callable[[dict[int, MetricRecord]], None] | None = None,
+    message_sink: MessageSink | None = None,
 ) -> ArrayRecord:
     """Run rounds ``first_round..num_rounds`` (or up to ``stop_after``); return the arrays.
 
@@ -234,6 +263,13 @@ def run_rounds(
 
     ``before_round(r)`` is asked before round ``r`` starts; a returned sentence ends the
     federation there (e.g. a server-side privacy budget that round ``r`` would overshoot).
+
+    ``train_sites(r)`` are the hospitals the strategy may sample to train in round ``r`` and
+    ``evaluate_sites`` those it evaluates (``None``: all): the strategy sees a grid that lists
+    only their nodes. ``after_evaluate(r, arrays, ask)`` runs after the strategy's evaluation:
+    it may ``ask`` any hospital to evaluate any arrays (evaluate-only hospitals, site-by-site
+    evaluation). ``on_roll_call`` hears every hospital's roll-call reply (``{hospital: record}``). A strategy that trains at the server
+    (``trains_at_server``) sends no train message; its ``aggregate_train`` trains.
 
     Raises
     ------
@@ -244,8 +280,28 @@ def run_rounds(
     log(INFO, "Starting %s strategy (rounds %d-%d):", strategy.__class__.__name__, first_round, num_rounds)
     strategy.summary()
     started = time.time()
-    site_of = roll_call(grid, roll_call_config, timeout=max(round_timeout, 60.0), expected=num_hospitals)
-    ordered = SiteOrderedGrid(grid, site_of)
+    summaries: dict[int, MetricRecord] = {}
+    site_of = roll_call(grid, roll_call_config, timeout=max(round_timeout, 60.0), expected=num_hospitals,
+                        summaries=summaries)
+    if on_roll_call is not None:
+        on_roll_call(summaries)
+    node_of = {site: node for node, site in site_of.items()}
+    evaluate_grid = SiteOrderedGrid(grid, site_of, evaluate_sites)
+
+    def ask(jobs: list[Job], phase: str) -> list[Message]:
+        messages = [
+            Message(
+                RecordDict({"arrays": arrays, "config": ConfigRecord({**config, **extra, "server-round": server_round})}),
+                dst_node_id=node_of[site], message_type=MessageType.EVALUATE,
+            )
+            for site, arrays, extra in jobs
+        ]
+        result = exchange(grid, messages, server_round=server_round, phase=phase, site_of=site_of,
+                          timeout=round_timeout, message_sink=message_sink)
+        failure_sink(result.failures)
+        drain(grid, result.pending, timeout=round_timeout + 60)
+        return result.usable
+
     if first_round == 1 and evaluate_fn is not None:
         log(INFO, "Initial global evaluation results: %s", evaluate_fn(0, arrays))
     for server_round in range(first_round, num_rounds + 1):
@@ -259,11 +315,13 @@ def run_rounds(
         random.seed(derive_seed(seed, "sample-train", server_round))
         # The deadline travels with the request (a straggler replies just after it).
         train_config = ConfigRecord({**config, "reply-by": time.time() + round_timeout})
-        messages = strategy.configure_train(server_round, arrays, train_config, ordered)  # type: ignore[arg-type]
+        train_grid = SiteOrderedGrid(grid, site_of, None if train_sites is None else train_sites(server_round))
+        messages = list(strategy.configure_train(server_round, arrays, train_config, train_grid))  # type: ignore[arg-type]
         trained = exchange(grid, messages, server_round=server_round, phase="train", site_of=site_of,
-                           timeout=round_timeout, reference=template)
+                           timeout=round_timeout, reference=template, message_sink=message_sink)
         faults = [f for f in trained.failures if f.kind in FAULT_KINDS]
-        if len(trained.usable) < min_available and (faults or not trained.failures):
+        at_server = bool(getattr(strategy, "trains_at_server", False))
+        if not at_server and len(trained.usable) < min_available and (faults or not trained.failures):
             failure_sink(trained.failures)
             drain(grid, trained.pending, timeout=round_timeout + 60)
             raise FederationError(
@@ -287,14 +345,16 @@ def run_rounds(
         drain(grid, trained.pending, timeout=round_timeout + 60)
 
         random.seed(derive_seed(seed, "sample-evaluate", server_round))
-        messages = strategy.configure_evaluate(server_round, arrays, ConfigRecord(dict(config)), ordered)  # type: ignore[arg-type]
+        messages = list(strategy.configure_evaluate(server_round, arrays, ConfigRecord(dict(config)), evaluate_grid))  # type: ignore[arg-type]
         evaluated = exchange(grid, messages, server_round=server_round, phase="evaluate", site_of=site_of,
-                             timeout=round_timeout)
+                             timeout=round_timeout, message_sink=message_sink)
         failure_sink(trained.failures + evaluated.failures)
         evaluate_metrics = strategy.aggregate_evaluate(server_round, evaluated.usable)
         if evaluate_metrics is not None:
             log(INFO, "\t└──> Aggregated MetricRecord: %s", evaluate_metrics)
         drain(grid, evaluated.pending, timeout=round_timeout + 60)
+        if after_evaluate is not None:
+            after_evaluate(server_round, arrays, ask)
         if evaluate_fn is not None:
             log(INFO, "Global evaluation")
             log(INFO, "\t└──> MetricRecord: %s", evaluate_fn(server_round, arrays))

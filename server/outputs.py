@@ -92,6 +92,17 @@ class RunOutputs:
             for r in new:
                 writer.writerow([r.round, r.site, r.split, r.metric, repr(float(r.value))])
 
+    def log_messages(self, entries: Iterable[tuple[int, str, str, int]]) -> None:
+        """Append ``(round, phase, message type, hospital)`` per message sent to ``messages.csv``:
+        the audit trail of who was asked to do what (an evaluate-only hospital never gets ``train``)."""
+        path = self.run_dir / "messages.csv"
+        new = not path.exists()
+        with path.open("a", newline="") as fh:
+            writer = csv.writer(fh)
+            if new:
+                writer.writerow(("round", "phase", "message_type", "site"))
+            writer.writerows(entries)
+
     @property
     def rows(self) -> list[MetricRow]:
         return list(self._rows)

@@ -17,13 +17,16 @@ if TYPE_CHECKING:
 def preflight(config: FedscanConfig, num_hospitals: int) -> ResumeState | None:
     """Raise :class:`sims.config.ConfigError` if this run cannot go as configured.
 
-    Checks that every hospital's privacy plan can be met, that the checkpoint to resume from
+    Checks that the domain-shift settings leave hospitals to train, that every hospital's privacy plan can be met, that the checkpoint to resume from
     (if any) exists, verifies with its keys and belongs to this config and federation size,
     and that a configured keyring holds the server's and every hospital's keys.
 
     Returns the verified, decrypted state to resume from (``None`` for a fresh run), so the
     ServerApp does not read and decrypt the checkpoint a second time.
     """
+    from scenarios.domain_shift import site_roles, training_sites
+
+    trainers = len(training_sites(site_roles(config, num_hospitals)))  # raises on impossible shift settings
     if config.privacy.sample_level:
         from server.privacy_plan import check_privacy_plan  # Opacus, only when needed
 
@@ -31,7 +34,7 @@ def preflight(config: FedscanConfig, num_hospitals: int) -> ResumeState | None:
     if config.privacy.client_level:
         from server.privacy_plan import check_client_privacy_plan  # Opacus, only when needed
 
-        check_client_privacy_plan(config, num_hospitals)
+        check_client_privacy_plan(config, trainers)  # q = m / K over the hospitals that train
     if not (config.checkpoint.resume_from or config.checkpoint.keyring):
         return None
     from server.checkpointing import check_configured_keyring, load_resume  # torch: only when needed

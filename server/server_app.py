@@ -20,11 +20,11 @@ from server.outputs import RunOutputs
 from server.preflight import preflight
 from server.pretraining import pretrain_on_public_data
 from server.privacy_log import PrivacyLog
+from server.shift import ShiftCoordinator
 from server.site_metrics import SiteMetrics
 from server.strategies import make_strategy
 from sims.anatomy import class_names
 from sims.config import config_from_run_config, privacy_warnings
-from sims.hospitals import make_federation
 from sims.model import make_model
 from sims.seeding import derive_seed
 
@@ -56,7 +56,8 @@ def main(grid: Grid, context: Context) -> None:
     np.random.seed(derive_seed(config.seed, "server", "numpy-global") % 2**32)
     num_hospitals = _wait_for_hospitals(grid)
     resume = preflight(config, num_hospitals)  # the verified checkpoint to resume from, if any
-    specs = make_federation(config.world, num_hospitals)
+    shift = ShiftCoordinator(config, num_hospitals)
+    specs = shift.specs
     outputs = RunOutputs.create(config.output_dir, f"run{context.run_id}")
     outputs.write_config(
         config.to_dict(),
@@ -66,24 +67,29 @@ def main(grid: Grid, context: Context) -> None:
         config_hash=config.config_hash(num_hospitals),
         resumed_from=str(resume.source_run_dir) if resume else None,
         hospitals=[asdict(s) for s in specs],
+        roles=shift.role_records(),
     )
     log(INFO, "fedscan: %d hospitals, outputs in %s", num_hospitals, outputs.run_dir)
     for note in privacy_warnings(config):
         log(WARNING, "fedscan: %s", note)
 
     classes = class_names(config.world.lesions)
-    model = make_model(len(classes), config.train.unet_channels, seed=config.seed)
+    model = make_model(len(classes), config.train.unet_channels, seed=config.seed, norm=config.train.norm)
     if config.privacy.pretrain_epochs and resume is None:
         loss = pretrain_on_public_data(model, config)
         log(INFO, "fedscan: pre-trained %d epochs on public data (template slices, no patient; loss %.4f)",
             config.privacy.pretrain_epochs, loss)
     privacy_log = PrivacyLog(
-        outputs.run_dir, config.privacy, num_hospitals, num_rounds=config.train.num_server_rounds
+        outputs.run_dir, config.privacy, shift.num_trainers, num_rounds=config.train.num_server_rounds
     )
+    site_metrics = SiteMetrics(outputs.add, privacy_log.add_round)
     strategy = make_strategy(
-        config.train, num_hospitals, SiteMetrics(outputs.add, privacy_log.add_round), config.privacy
+        config.train, shift.strategy_hospitals, site_metrics, config.privacy, pool_trainer=shift.train_pooled
     )
-    evaluator = GlobalEvaluator(config, make_model(len(classes), config.train.unet_channels), outputs.add)
+    evaluator = GlobalEvaluator(
+        config, make_model(len(classes), config.train.unet_channels, norm=config.train.norm), outputs.add
+    )
+    shift.attach(strategy, site_metrics, outputs.add, resumed=resume is not None)
 
     # Keys: this run's own (configured, or run-local in its folder); a resume reads the
     # source run's with the source run's keys (see server/checkpointing.py).
@@ -111,11 +117,12 @@ def main(grid: Grid, context: Context) -> None:
         "resume-key-root": str(source_key_root(config, resume.source_run_dir)) if resume else "",
         "resume-round": resume.round if resume else 0,
         "kept-rounds": "",
+        "summaries": int(shift.wants_summaries),
     }
 
-    def round_config(server_round: int) -> dict[str, str | int | float]:
+    def round_config(server_round: int) -> dict[str, str | int | float | list[float]]:
         kept = checkpointer.kept_rounds() if checkpointer is not None else []
-        return {**base_config, "kept-rounds": ",".join(map(str, kept))}
+        return {**base_config, "kept-rounds": ",".join(map(str, kept)), **shift.round_config()}
 
     def after_round(server_round: int, current: ArrayRecord) -> None:
         if checkpointer is not None and checkpointer.due(server_round):
@@ -143,6 +150,11 @@ def main(grid: Grid, context: Context) -> None:
         min_available=config.faults.min_available,
         stop_after=config.checkpoint.stop_after,
         before_round=privacy_log.before_round,
+        train_sites=shift.train_sites,
+        evaluate_sites=shift.evaluate_sites,
+        after_evaluate=shift.after_evaluate,
+        on_roll_call=shift.on_roll_call,
+        message_sink=outputs.log_messages,
     )
     outputs.write_summary(
         "fedscan run summary",

@@ -38,19 +38,23 @@ class SiteMetrics:
     def evaluate(self, contents: list[RecordDict], weighted_by_key: str) -> MetricRecord:
         return self._collect(contents, weighted_by_key, split="test")
 
+    def collect(self, contents: list[RecordDict], *, split: str) -> MetricRecord:
+        """Record replies outside the strategy's phases (unseen hospitals, site-by-site
+        evaluation) under ``split``; ``global`` rows are patient-weighted means."""
+        return self._collect(contents, "num-examples", split=split)
+
     def _collect(self, contents: list[RecordDict], weighted_by_key: str, *, split: str) -> MetricRecord:
         rows: list[MetricRow] = []
         privacy: list[PrivacyRow] = []
         server_round = 0
-        sums: dict[str, float] = {}
+        sums: dict[tuple[str, str], float] = {}
+        weights: dict[tuple[str, str], float] = {}
         worst: dict[str, float] = {}
-        total_weight = 0.0
         for content in contents:
             record = _metric_record(content)
             site = str(int(_number(record, "site")))
             server_round = int(_number(record, "server-round"))
             weight = _number(record, weighted_by_key)
-            total_weight += weight
             private = {k[len(PRIVACY_PREFIX) :]: _number(record, k) for k in record if k.startswith(PRIVACY_PREFIX)}
             if private:
                 privacy.append({"site": site, **private})
@@ -61,14 +65,18 @@ class SiteMetrics:
                 if key in BOOKKEEPING or key.startswith(PRIVACY_PREFIX):
                     continue
                 value = _number(record, key)
-                rows.append(MetricRow(server_round, site, split, key, value))
-                sums[key] = sums.get(key, 0.0) + weight * value
-        averaged = {k: v / total_weight for k, v in sums.items()} if total_weight else {}
-        rows += [MetricRow(server_round, "global", split, k, v) for k, v in averaged.items()]
+                # "finetuned/dice_mean": another split of the same hospital's evaluation.
+                row_split, metric = key.split("/", 1) if "/" in key else (split, key)
+                rows.append(MetricRow(server_round, site, row_split, metric, value))
+                sums[row_split, metric] = sums.get((row_split, metric), 0.0) + weight * value
+                weights[row_split, metric] = weights.get((row_split, metric), 0.0) + weight
+        averaged = {k: v / weights[k] for k, v in sums.items() if weights[k]}
+        rows += [MetricRow(server_round, "global", k[0], k[1], v) for k, v in averaged.items()]
         self._sink(rows)
         if privacy and self._privacy_sink is not None:
             self._privacy_sink(server_round, privacy)
-        return MetricRecord({**averaged, **{f"{k}_worst": v for k, v in worst.items()}})
+        shown = {metric: v for (row_split, metric), v in averaged.items() if row_split == split}
+        return MetricRecord({**shown, **{f"{k}_worst": v for k, v in worst.items()}})
 
 
 def _number(record: MetricRecord, key: str) -> float:

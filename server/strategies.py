@@ -11,12 +11,12 @@ privacy state (``privacy.csv``) and saves its state in the round it trained.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from logging import INFO
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
@@ -137,7 +137,60 @@ def _evaluating_trained(base: type[FedAvg]) -> type[FedAvg]:
     return type(base.__name__, (EvaluateTrained, base), {"__module__": __name__, "__doc__": base.__doc__})
 
 
-_FLOWER: dict[str, type[FedAvg]] = {"fedavg": FedAvg, "fedprox": FedProx, "fedadam": FedAdam}
+class LocalOnly(FedAvg):
+    """Local-only baseline: every hospital trains its own model; nothing is averaged.
+
+    The hospitals' replies (their local models) are kept, by hospital, for the site-by-site
+    evaluation at the end (:attr:`local_models`); the global model never changes.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.local_models: dict[int, ArrayRecord] = {}
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        for reply in replies:
+            site = int(reply.content.metric_records["metrics"]["site"])  # type: ignore[arg-type]
+            self.local_models[site] = reply.content.array_records["arrays"]
+        _, metrics = super().aggregate_train(server_round, replies)
+        return None, metrics
+
+
+PoolTrainer = Callable[[int, ArrayRecord], tuple[ArrayRecord, float]]
+
+
+class Pooled(FedAvg):
+    """The centralised upper bound: the server trains on the training hospitals' pooled train
+    splits (a hypothetical: in a real federation nobody holds them); hospitals only evaluate.
+
+    ``trainer(round, arrays) -> (arrays, mean loss)`` trains one round.
+    """
+
+    trains_at_server = True
+
+    def __init__(self, trainer: PoolTrainer, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._trainer = trainer
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self._arrays = arrays
+        return []
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        arrays, loss = self._trainer(server_round, self._arrays)
+        return arrays, MetricRecord({"train_loss": loss})
+
+
+_FLOWER: dict[str, type[FedAvg]] = {
+    "fedavg": FedAvg, "fedprox": FedProx, "fedadam": FedAdam, "fedbn": FedAvg, "local": LocalOnly, "pooled": Pooled,
+}
 _SAMPLED = {name: _evaluating_trained(cls) for name, cls in _FLOWER.items()}
 
 
@@ -148,6 +201,7 @@ def make_strategy(
     privacy: PrivacySpec | None = None,
     *,
     min_available: int | None = None,
+    pool_trainer: PoolTrainer | None = None,
 ) -> Strategy:
     """Flower's own strategy, wrapped for client-level DP when asked.
 
@@ -158,6 +212,9 @@ def make_strategy(
     ``DifferentialPrivacyServerSideFixedClipping`` clips each update and adds Gaussian noise
     for ``m`` sampled hospitals. ``fedadam`` uses ``server_lr`` as ``eta`` and ``lr`` as
     ``eta_l`` (Reddi et al., 2021); ``fedprox`` sends ``proximal_mu`` to the hospitals.
+    ``fedbn`` is FedAvg at the server (the hospitals keep their normalisation layers and send
+    back the values they received for them); ``local`` is :class:`LocalOnly`; ``pooled`` is
+    :class:`Pooled` and needs ``pool_trainer``.
     """
     privacy = privacy or PrivacySpec()
     sampling = round_sampling(train, num_hospitals, min_available=min_available)
@@ -172,7 +229,13 @@ def make_strategy(
         extra = {"proximal_mu": train.proximal_mu}
     elif train.strategy == "fedadam":
         extra = {"eta": train.server_lr, "eta_l": train.lr}
-    cls = (_SAMPLED if sampling.evaluate_trained else _FLOWER)[train.strategy]
+    elif train.strategy == "pooled":
+        if pool_trainer is None:
+            raise ValueError("The 'pooled' strategy needs a pool_trainer.")
+        extra = {"trainer": pool_trainer}
+    # Pooled sends no train message, so "evaluate the hospitals that trained" would evaluate none.
+    sampled = sampling.evaluate_trained and train.strategy != "pooled"
+    cls = (_SAMPLED if sampled else _FLOWER)[train.strategy]
     strategy: Strategy = cls(**common, **extra)
     if privacy.client_level:
         from server.privacy_plan import client_noise_multiplier  # Opacus, only when needed

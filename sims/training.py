@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -55,6 +56,8 @@ def train_one_round(
     batch_size: int,
     generator: torch.Generator,
     augment: bool = True,
+    transform: Callable[[torch.Tensor, torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.Tensor]]
+    | None = None,
     proximal_mu: float = 0.0,
 ) -> LocalTrainResult:
     """Train ``model`` in place with Adam for ``epochs`` passes over one hospital's data.
@@ -65,6 +68,9 @@ def train_one_round(
     labels : ndarray, shape (N, 1, H, W), int64
     generator : torch.Generator
         The only source of randomness (shuffling and augmentation).
+    transform : callable, optional
+        ``(x, y, generator) -> (x, y)`` applied to every batch after ``augment``'s flips and
+        gains (e.g. the hospital's scanner augmentation), drawing only from ``generator``.
     proximal_mu : float
         FedProx weight: adds ``mu / 2 * ||w - w_start||^2`` to the loss, where
         ``w_start`` are the weights received from the server (Li et al., 2020).
@@ -83,6 +89,8 @@ def train_one_round(
             x, y = x_all[idx], y_all[idx]
             if augment:
                 x, y = augment_batch(x, y, generator)
+            if transform is not None:
+                x, y = transform(x, y, generator)
             optimizer.zero_grad(set_to_none=True)
             loss = loss_fn(model(x), y)
             if start:

@@ -3,8 +3,11 @@
 ``fedscan run [flwr run options]`` validates the run, then runs it through
 :func:`server.launcher.launch` (a private SuperLink, the Flower 1.42 traps handled, every
 process stopped at the end) and prints the per-hospital result table; ``--dry-run``
-validates and prints the resolved configs without starting anything. ``fedscan sweep
-SWEEP.toml`` runs a grid of such runs as Ray tasks (:mod:`server.sweep_runner`). ``fedscan keygen``
+validates and prints the resolved configs without starting anything; ``--scenario NAME``
+starts from a named scenario (``scenarios/NAME.toml``, :mod:`scenarios.registry`), which
+``fedscan scenarios`` lists. ``fedscan sweep SWEEP.toml`` runs a grid of such runs as Ray
+tasks (:mod:`server.sweep_runner`); ``fedscan sweep scenarios/NAME.toml`` runs a scenario's
+comparison. ``fedscan keygen``
 and ``fedscan checkpoint verify|inspect|export`` manage keys and encrypted checkpoints.
 """
 
@@ -57,21 +60,49 @@ class _Parser(argparse.ArgumentParser):
 # --------------------------------------------------------------------------- #
 
 
+def _load_scenario(project: Path, name: str) -> Any:
+    """The named scenario of ``project/scenarios`` (a :class:`scenarios.registry.ScenarioInfo`)."""
+    from scenarios.registry import ScenarioError, load_scenario
+
+    try:
+        return load_scenario(name, folder=project / "scenarios")
+    except ScenarioError as err:
+        raise UserError(str(err)) from None
+
+
+def _scenario_federation(scenario: Any) -> dict[str, Any]:
+    """The federation of a scenario's comparison (``hospitals`` -> ``num-supernodes``), checked on its own."""
+    federation = {("num-supernodes" if key == "hospitals" else key): value
+                  for key, value in scenario.federation_config.items()}
+    try:
+        resolve_federation(federation)
+    except UserError as err:
+        raise UserError(f"Comparison file '{scenario.comparison}' [federation-config]: {err}") from None
+    return federation
+
+
 def _plan(args: argparse.Namespace) -> LaunchPlan:
     project = Path(args.app).resolve()
     overrides = parse_pairs(args.run_config, "run config")
-    federation = resolve_federation(parse_pairs(args.federation_config, "federation config"), args.hospitals)
+    federation_overrides = parse_pairs(args.federation_config, "federation config")
+    if args.scenario is not None:
+        # The scenario's keys and federation first; -c and --federation-config win, key by key.
+        scenario = _load_scenario(project, args.scenario)
+        overrides = {**scenario.run_config, **overrides}
+        federation_overrides = {**_scenario_federation(scenario), **federation_overrides}
+    federation = resolve_federation(federation_overrides, args.hospitals)
     run_config, warnings = resolve_run_config(project, overrides, federation["num-supernodes"])
     return LaunchPlan(project, run_config, federation, tuple(warnings))
 
 
-def _print_dry_run(plan: LaunchPlan) -> None:
+def _print_dry_run(plan: LaunchPlan, scenario: str | None = None) -> None:
     from server.launcher import project_defaults
 
     merged = {**project_defaults(plan.project), **plan.run_config}
+    source = f"scenario '{scenario}' (scenarios/{scenario}.toml), then -c" if scenario else "the overrides"
     lines = [
         "# fedscan run --dry-run: valid; nothing was started.",
-        "# run-config: pyproject.toml defaults, then the overrides (paths absolute)",
+        f"# run-config: pyproject.toml defaults, then {source} (paths absolute)",
         "[run-config]",
         *(f"{key} = {toml_value(value)}" for key, value in merged.items()),
         "",
@@ -92,7 +123,7 @@ def command_run(
     for note in plan.warnings:
         print(f"fedscan: warning: {note}", file=sys.stderr)
     if args.dry_run:
-        _print_dry_run(plan)
+        _print_dry_run(plan, args.scenario)
         return EXIT_OK
     if args.timeout is not None and not args.timeout > 0:
         raise UserError(f"The '--timeout' option must be a number of seconds > 0. Got {args.timeout!r} instead.")
@@ -152,6 +183,32 @@ def command_sweep(args: argparse.Namespace, cancel: threading.Event, received: S
     from server.sweep_runner import run_sweep
 
     return run_sweep(spec, address=address, resume=args.resume, cancel=cancel)
+
+
+def command_scenarios(args: argparse.Namespace) -> int:
+    """List the named scenarios: name, description, and the commands that run them."""
+    from scenarios.registry import ScenarioError, list_scenarios
+    from server.sweep_spec import count_trials
+
+    folder = Path(args.project) / "scenarios"
+    if not folder.is_dir():
+        raise UserError(f"No scenarios folder in '{Path(args.project).resolve()}': run fedscan from the fedscan "
+                        "project folder (or pass --project DIR).")
+    try:
+        scenarios = list_scenarios(folder)
+    except ScenarioError as err:
+        raise UserError(str(err)) from None
+    if not scenarios:
+        print(f"fedscan: no scenarios in {folder}")
+        return EXIT_OK
+    width = max(len(s.name) for s in scenarios)
+    for scenario in scenarios:
+        commands = f"fedscan run --scenario {scenario.name}"
+        if scenario.comparison is not None:
+            trials = count_trials(scenario.comparison)
+            commands += f"  |  fedscan sweep scenarios/{scenario.name}.toml ({trials} trials)"
+        print(f"{scenario.name.ljust(width)}  {scenario.description}\n{' ' * width}  {commands}")
+    return EXIT_OK
 
 
 def command_report(args: argparse.Namespace) -> int:
@@ -442,6 +499,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("-c", "--run-config", action="append", default=[], help="'key=value ...' or a .toml file")
     run.add_argument("--federation-config", action="append", default=[], help="'num-supernodes=4 ...'")
     run.add_argument("--hospitals", type=int, default=None, help="shortcut for num-supernodes")
+    run.add_argument("--scenario", default=None, metavar="NAME",
+                     help="start from the named scenario scenarios/NAME.toml (its federation: the one of "
+                     "scenarios/NAME.sweep.toml); -c, --federation-config and --hospitals override it "
+                     "(fedscan scenarios lists them)")
     run.add_argument(
         "--dry-run",
         action="store_true",
@@ -457,7 +518,8 @@ def build_parser() -> argparse.ArgumentParser:
         "process-isolated fedscan run) and write results.csv, trials.jsonl and sweep_report.md/.html "
         "into the sweep folder.",
     )
-    sweep.add_argument("file", metavar="SWEEP.toml", help="the sweep file (see sweeps/)")
+    sweep.add_argument("file", metavar="SWEEP.toml",
+                       help="the sweep file (see sweeps/), or a scenario file scenarios/NAME.toml: its comparison")
     sweep.add_argument("--address", default="local",
                        help="'local' (default: a private Ray on this machine), 'auto', HOST:PORT or "
                        "ray://HOST:PORT (an existing cluster)")
@@ -469,6 +531,14 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
                        help="wall-clock limit per trial (default: [sweep] timeout, else 3600)")
     sweep.add_argument("--project", default=".", help="the fedscan project folder (default: .)")
+    scenarios = sub.add_parser(
+        "scenarios",
+        help="list the named scenarios and the commands that run them",
+        description="List scenarios/*.toml: each scenario's name, description, `fedscan run --scenario NAME` "
+        "and, when it has a comparison (scenarios/NAME.sweep.toml), `fedscan sweep scenarios/NAME.toml` "
+        "with its trial count. Every scenario file is validated.",
+    )
+    scenarios.add_argument("--project", default=".", help="the fedscan project folder (default: .)")
     report = sub.add_parser(
         "report",
         help="rebuild a run's privacy-budget report, or a sweep's report",
@@ -534,6 +604,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return command_sweep(args, cancel, received)
         if args.command == "report":
             return command_report(args)
+        if args.command == "scenarios":
+            return command_scenarios(args)
         if args.command == "keygen":
             return command_keygen(args)
         return command_checkpoint(args)

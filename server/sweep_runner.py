@@ -129,7 +129,8 @@ class SweepFolder:
         self._write_atomic(self.results, self._csv_text([self.columns, *rows]))
         self._write_atomic(self.trials, "".join(json.dumps(r, default=str) + "\n" for r in kept))
         meta = {
-            "name": self.spec.name, "sweep_file": str(self.spec.file), "swept_keys": list(self.spec.swept_keys),
+            "name": self.spec.name, "scenario": self.spec.scenario, "sweep_file": str(self.spec.file),
+            "swept_keys": list(self.spec.swept_keys),
             "seed_key": self.spec.seed_key, "trials": [t.trial_id for t in self.spec.trials], "address": address,
             "code_digest": self.spec.code_digest, "timeout_s": self.spec.timeout_s,
             "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -3,7 +3,8 @@
 A sweep file is TOML::
 
     [sweep]                      # all optional
-    name = "privacy_utility"     # default: the file's stem; the sweep folder is <output-dir>/<name>
+    name = "privacy_utility"     # default: the file's stem (less ".sweep"); the folder is <output-dir>/<name>
+    scenario = "domain_shift"    # a named scenario (scenarios/NAME.toml): its keys are the base run config
     output-dir = "outputs/sweeps"
     timeout = 1800               # seconds per trial
     max-parallel = 2             # trials at once (default: as many as the cluster's CPUs fit)
@@ -25,6 +26,12 @@ A sweep file is TOML::
     [[trials]]
     privacy.mode = "sample"
     privacy.target-epsilon = 8
+
+With ``scenario = "NAME"`` the base run config is the scenario file's keys, then the
+sweep's own ``[run-config]``, then each trial's values; the base federation is the one of
+the scenario's comparison (``NAME.sweep.toml``), then the sweep's own ``[federation-config]``.
+A scenario's comparison is such a sweep file, ``scenarios/NAME.sweep.toml``; given the
+scenario file ``scenarios/NAME.toml`` itself, :func:`load_sweep` runs its comparison.
 
 Grid and list keys may be run-config keys, federation keys, or ``hospitals`` (the
 ``--hospitals`` shortcut for ``num-supernodes``). Every trial is validated with the run's own
@@ -60,7 +67,7 @@ from server.launcher import (
 )
 
 SECTIONS = ("sweep", "run-config", "federation-config", "grid", "trials")
-SWEEP_KEYS = ("name", "output-dir", "timeout", "max-parallel", "cpus-per-trial", "memory-per-trial-gb")
+SWEEP_KEYS = ("name", "scenario", "output-dir", "timeout", "max-parallel", "cpus-per-trial", "memory-per-trial-gb")
 HOSPITALS_ALIAS = "hospitals"
 SEED_KEY = "seed"
 SWEEP_OWNED = ("output-dir",)
@@ -128,6 +135,8 @@ class SweepSpec:
     swept_keys: tuple[str, ...]
     trials: tuple[TrialSpec, ...]
     code_digest: str
+    scenario: str | None = None
+    """The named scenario the sweep compares (``[sweep] scenario``), or None."""
 
     @property
     def folder(self) -> Path:
@@ -156,7 +165,7 @@ def _flatten(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def _read(path: Path) -> dict[str, Any]:
+def _load_toml(path: Path) -> dict[str, Any]:
     try:
         text = path.read_text()
     except FileNotFoundError:
@@ -169,6 +178,61 @@ def _read(path: Path) -> dict[str, Any]:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
         raise UserError(f"The sweep file '{path}' is not valid TOML: {err}.") from None
+    return data
+
+
+def _is_scenario_file(data: Mapping[str, Any]) -> bool:
+    """A scenario's run file (``scenarios/NAME.toml``): a ``scenario`` key and no sweep section."""
+    from scenarios.registry import SCENARIO_KEY
+
+    return SCENARIO_KEY in data and not any(section in data for section in SECTIONS)
+
+
+def _shown(path: Path) -> str:
+    """``path`` relative to the current folder when inside it (``scenarios/x.sweep.toml``), for messages."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def _comparison_of(path: Path) -> Path:
+    """The comparison (``NAME.sweep.toml``) of the scenario file ``path``, validating the scenario."""
+    from scenarios.registry import COMPARISON_SUFFIX, ScenarioError, read_scenario
+
+    try:
+        info = read_scenario(path)
+    except ScenarioError as err:
+        raise UserError(str(err)) from None
+    if info.comparison is None:
+        missing = _shown(info.path.with_name(f"{info.name}{COMPARISON_SUFFIX}"))
+        raise UserError(f"Scenario '{info.name}' compares nothing (no {missing}); run it with "
+                        f"fedscan run --scenario {info.name}.")
+    return info.comparison
+
+
+def _scenario(name: Any, path: Path, folder: Path | None, project: Path) -> Any:
+    """The scenario ``[sweep] scenario`` names (a :class:`scenarios.registry.ScenarioInfo`).
+
+    Looked up in ``folder``; by default beside ``path`` when ``path`` is that scenario's
+    comparison (``NAME.sweep.toml`` next to ``NAME.toml``), else in ``project/scenarios``.
+    """
+    from scenarios.registry import COMPARISON_SUFFIX, ScenarioError, load_scenario
+
+    if not isinstance(name, str):
+        raise UserError(f"The 'scenario' parameter of [sweep] must be a scenario name (fedscan scenarios lists "
+                        f"them). Got {name!r} instead.")
+    if folder is None:
+        beside = path.name == f"{name}{COMPARISON_SUFFIX}" and path.with_name(f"{name}.toml").is_file()
+        folder = path.parent if beside else project / "scenarios"
+    try:
+        return load_scenario(name, folder=folder)
+    except ScenarioError as err:
+        raise UserError(f"Sweep file '{path}': {err}") from None
+
+
+def _read(path: Path, data: dict[str, Any] | None = None) -> dict[str, Any]:
+    data = _load_toml(path) if data is None else data
     for section in data:
         if section not in SECTIONS:
             raise UserError(
@@ -208,7 +272,7 @@ def _sweep_settings(table: Mapping[str, Any], path: Path) -> dict[str, Any]:
         if key not in SWEEP_KEYS:
             raise UserError(f"Unknown key {key!r} in [sweep] of sweep file '{path}'.{did_you_mean(key, SWEEP_KEYS)} "
                             f"Allowed: {', '.join(SWEEP_KEYS)}.")
-    name = table.get("name", path.stem)
+    name = table.get("name", path.name.removesuffix(".toml").removesuffix(".sweep"))
     if not isinstance(name, str) or not name or not all(c.isalnum() or c in "-_." for c in name) or name[0] == ".":
         raise UserError(f"The 'name' parameter of [sweep] must be a folder name (letters, digits, '-', '_', '.'). "
                         f"Got {name!r} instead.")
@@ -224,7 +288,7 @@ def _sweep_settings(table: Mapping[str, Any], path: Path) -> dict[str, Any]:
                              low=0.0)
     except InvalidParameterError as err:
         raise UserError(str(err)) from None
-    return {"name": name, "output-dir": output_dir, "timeout": timeout, "max-parallel": parallel or None,
+    return {"name": name, "scenario": table.get("scenario"), "output-dir": output_dir, "timeout": timeout, "max-parallel": parallel or None,
             "cpus-per-trial": cpus, "memory-per-trial-gb": memory}
 
 
@@ -323,18 +387,22 @@ def trial_id(resolved: Mapping[str, Any], federation: Mapping[str, Any], digest:
 
 def load_sweep(
     path: Path | str, *, project: Path | str = ".", timeout_s: float | None = None,
-    max_parallel: int | None = None,
+    max_parallel: int | None = None, scenarios: Path | str | None = None,
 ) -> SweepSpec:
     """Read, expand and validate a sweep file; start nothing, write nothing.
 
     Parameters
     ----------
     path : Path
-        The sweep file.
+        The sweep file, or a scenario file ``NAME.toml`` (then its comparison
+        ``NAME.sweep.toml`` is the sweep).
     project : Path
         The fedscan project folder (its ``pyproject.toml`` holds the defaults).
     timeout_s, max_parallel : optional
         Command-line values that replace the file's ``[sweep]`` ones.
+    scenarios : Path, optional
+        Where ``[sweep] scenario`` is looked up; default: beside a comparison file
+        (``NAME.sweep.toml`` next to ``NAME.toml``), else ``project/scenarios``.
 
     Raises
     ------
@@ -343,16 +411,34 @@ def load_sweep(
     """
     path = Path(path)
     project = Path(project).resolve()
-    data = _read(path)
+    data = _load_toml(path)
+    if _is_scenario_file(data):  # `fedscan sweep scenarios/NAME.toml`: run the scenario's comparison
+        path = _comparison_of(path)
+        data = _load_toml(path)
+    data = _read(path, data)
     settings = _sweep_settings(data.get("sweep", {}), path)
+    companion = path.name.removesuffix(".sweep.toml")
+    if path.name.endswith(".sweep.toml") and path.with_name(f"{companion}.toml").is_file() \
+            and settings["scenario"] != companion:
+        raise UserError(f"The 'scenario' parameter of [sweep] in comparison file '{path}' must be {companion!r}, "
+                        f"the scenario beside it. Got {settings['scenario']!r} instead.")
+    scenario = None if settings["scenario"] is None else _scenario(settings["scenario"], path, (
+        Path(scenarios) if scenarios is not None else None), project)
     base = _flatten(data.get("run-config", {}))
     for key in base:
         _known_key(key, "[run-config]", path)
     base_federation = _flatten(data.get("federation-config", {}))
-    for key in base_federation:
-        if key not in FEDERATION_KEYS and key != HOSPITALS_ALIAS:
-            raise UserError(f"Unknown key {key!r} in [federation-config] of sweep file '{path}'."
-                            f"{did_you_mean(key, FEDERATION_KEYS)} Allowed: {', '.join(FEDERATION_KEYS)}.")
+    federations: list[tuple[Mapping[str, Any], Path | None]] = [(base_federation, path)]
+    if scenario is not None:
+        federations.append((scenario.federation_config, scenario.comparison))
+    for table, source in federations:
+        for key in table:
+            if key not in FEDERATION_KEYS and key != HOSPITALS_ALIAS:
+                raise UserError(f"Unknown key {key!r} in [federation-config] of sweep file '{source}'."
+                                f"{did_you_mean(key, FEDERATION_KEYS)} Allowed: {', '.join(FEDERATION_KEYS)}.")
+    if scenario is not None:  # the scenario's keys and federation, then the sweep's own on top
+        base = {**scenario.run_config, **base}
+        base_federation = {**scenario.federation_config, **base_federation}
     points = _grid_points(_flatten(data.get("grid", {})), path)
     variants = [_flatten(entry) for entry in data.get("trials", [])] or [{}]
     for number, variant in enumerate(variants, start=1):
@@ -398,8 +484,22 @@ def load_sweep(
         name=settings["name"], file=path.resolve(), project=project, output_dir=output_dir,
         timeout_s=float(timeout_s if timeout_s is not None else settings["timeout"]),
         max_parallel=max_parallel if max_parallel is not None else settings["max-parallel"],
-        swept_keys=tuple(swept), trials=tuple(trials), code_digest=digest,
+        swept_keys=tuple(swept), trials=tuple(trials), code_digest=digest, scenario=settings["scenario"],
     )
+
+
+def count_trials(path: Path | str) -> int:
+    """How many trials a sweep file expands to, read cheaply: no trial is validated (:func:`load_sweep` does).
+
+    Raises
+    ------
+    UserError
+        An unreadable file, an unknown section or key, a grid value that is not a list.
+    """
+    path = Path(path)
+    data = _read(path)
+    points = _grid_points(_flatten(data.get("grid", {})), path)
+    return len(points) * max(1, len(data.get("trials", [])))
 
 
 def _swept_value(key: str, resolved: Mapping[str, Any], federation: Mapping[str, Any]) -> Any:

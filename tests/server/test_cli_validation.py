@@ -159,3 +159,95 @@ def test_dry_run_imports_no_torch_and_is_fast() -> None:
     ok, torch_loaded, monai_loaded, seconds = proc.stderr.split()[-4:]
     assert (ok, torch_loaded, monai_loaded) == ("True", "False", "False"), proc.stderr
     assert float(seconds) < 0.1  # ~3 ms a call here; the fuzzer calls it thousands of times
+
+
+def _scenario_project(tmp_path: Path) -> Path:
+    """A project folder: fedscan's pyproject.toml and a scenarios/ folder with one scenario and its comparison."""
+    project = tmp_path / "project"
+    (project / "scenarios").mkdir(parents=True)
+    (project / "pyproject.toml").write_text((ROOT / "pyproject.toml").read_text())
+    (project / "scenarios" / "strong_prox.toml").write_text(
+        '# FedProx, strong pull\nscenario = "strong_prox"\nstrategy = "fedprox"\nproximal-mu = 0.5\nseed = 7\n'
+        '[privacy]\nmode = "client"\n')
+    (project / "scenarios" / "strong_prox.sweep.toml").write_text(
+        '[sweep]\nscenario = "strong_prox"\n[federation-config]\nhospitals = 3\n[grid]\nseed = [0, 1, 2]\n'
+        '[[trials]]\nlr = 0.001\n[[trials]]\nlr = 0.01\n')
+    (project / "scenarios" / "alone.toml").write_text('# Nothing to compare\nscenario = "alone"\n')
+    return project
+
+
+def test_run_scenario_dry_run_starts_from_the_scenario_and_options_win(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import tomllib
+
+    project = _scenario_project(tmp_path)
+    monkeypatch.chdir(tmp_path)
+
+    code = main(["run", str(project), "--scenario", "strong_prox", "--dry-run", "-c", "seed=11",
+                 "-c", "privacy.delta=1e-6"])
+
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "scenario 'strong_prox'" in captured.out.splitlines()[1]
+    printed = tomllib.loads(captured.out)
+    run = printed["run-config"]
+    assert (run["scenario"], run["strategy"], run["proximal-mu"]) == ("strong_prox", "fedprox", 0.5)
+    assert run["seed"] == 11  # -c wins over the scenario
+    assert run["privacy"] == {**run["privacy"], "mode": "client", "delta": 1e-6}  # merged key by key
+    assert printed["federation-config"]["num-supernodes"] == 3  # the comparison's federation
+
+    assert main(["run", str(project), "--scenario", "strong_prox", "--dry-run", "--hospitals", "2"]) == 0
+    assert tomllib.loads(capsys.readouterr().out)["federation-config"]["num-supernodes"] == 2
+    assert main(["run", str(project), "--scenario", "alone", "--dry-run"]) == 0
+    assert tomllib.loads(capsys.readouterr().out)["federation-config"]["num-supernodes"] == 4  # the default
+    # The scenario file as a plain -c file (what flwr run --run-config takes) gives the same run config.
+    assert main(["run", str(project), "--dry-run", "-c", str(project / "scenarios" / "strong_prox.toml")]) == 0
+    assert tomllib.loads(capsys.readouterr().out)["run-config"] == {**run, "seed": 7, "privacy": {
+        **run["privacy"], "delta": 1e-5}}
+    assert list(tmp_path.iterdir()) == [project]  # nothing written
+
+
+@pytest.mark.parametrize(
+    ("scenario", "expected"),
+    [
+        ("strong-prox", "Unknown scenario 'strong-prox'. Did you mean 'strong_prox'? Known scenarios: alone, "
+                        "badfed, broken, strong_prox (fedscan scenarios lists them)."),
+        ("broken", "Unknown run-config key 'shift.unseen-hospital'. Did you mean 'shift.unseen-hospitals'?"),
+        ("badfed", "[federation-config]: Unknown federation-config key 'num-supernode'."),
+    ],
+)
+def test_run_scenario_mistakes_exit_2_with_one_line(
+    tmp_path: Path, scenario: str, expected: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    project = _scenario_project(tmp_path)
+    (project / "scenarios" / "broken.toml").write_text('# b\nscenario = "broken"\nshift.unseen-hospital = 1\n')
+    (project / "scenarios" / "badfed.toml").write_text('# b\nscenario = "badfed"\n')
+    (project / "scenarios" / "badfed.sweep.toml").write_text('[federation-config]\nnum-supernode = 3\n')
+
+    code = main(["run", str(project), "--scenario", scenario, "--dry-run"])
+
+    err = capsys.readouterr().err
+    assert code == EXIT_USER_ERROR and expected in err, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_scenarios_lists_each_with_what_to_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    project = _scenario_project(tmp_path)
+
+    assert main(["scenarios", "--project", str(project)]) == 0
+
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split(None, 1) == ["alone", "Nothing to compare"]
+    assert lines[1].split() == ["fedscan", "run", "--scenario", "alone"]
+    assert lines[2].split(None, 1) == ["strong_prox", "FedProx, strong pull"]
+    assert lines[3].strip() == ("fedscan run --scenario strong_prox  |  fedscan sweep scenarios/strong_prox.toml "
+                                "(6 trials)")
+    assert len(lines) == 4
+
+    (project / "scenarios" / "typo.toml").write_text('# t\nscenario = "typo"\nseeds = 1\n')
+    assert main(["scenarios", "--project", str(project)]) == EXIT_USER_ERROR
+    err = capsys.readouterr().err
+    assert "Unknown run-config key 'seeds'" in err and "typo.toml" in err and len(err.strip().splitlines()) == 1
+    assert main(["scenarios", "--project", str(tmp_path)]) == EXIT_USER_ERROR
+    assert "No scenarios folder in" in capsys.readouterr().err

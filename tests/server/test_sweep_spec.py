@@ -9,7 +9,7 @@ import pytest
 
 from server.cli import main as cli_main
 from server.launcher import UserError, stage_app
-from server.sweep_spec import load_sweep, trial_resources
+from server.sweep_spec import count_trials, load_sweep, trial_resources
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -187,3 +187,78 @@ def test_shipped_sweeps_are_valid() -> None:
     for path in sorted((ROOT / "sweeps").glob("*.toml")):
         sizes[path.stem] = len(load_sweep(path, project=ROOT).trials)
     assert sizes == {"dp_batch_size": 8, "privacy_utility": 16, "strategies": 18}
+
+
+SCENARIO = '# Strong FedProx\nscenario = "strong_prox"\nstrategy = "fedprox"\nproximal-mu = 0.5\nseed = 7\n'
+
+
+def write_scenario(folder: Path, comparison: str | None) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "strong_prox.toml").write_text(SCENARIO)
+    if comparison is not None:
+        (folder / "strong_prox.sweep.toml").write_text(comparison)
+    return folder / "strong_prox.toml"
+
+
+def comparison(out: Path, extra: str = "") -> str:
+    sweep = BASE.format(out=out).replace('name = "s"\n', 'scenario = "strong_prox"\n')
+    return sweep.replace("[run-config]\n", "[run-config]\nproximal-mu = 0.2\n") + extra
+
+
+def test_a_scenario_file_runs_its_comparison_on_top_of_the_scenario(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    scenario = write_scenario(tmp_path / "scenarios", comparison(tmp_path / "out", "[grid]\nlr = [0.001, 0.01]\n"))
+
+    spec = load_sweep(scenario, project=ROOT)
+
+    assert (spec.scenario, spec.name, spec.file) == ("strong_prox", "strong_prox", scenario.with_name(
+        "strong_prox.sweep.toml"))  # the folder is named after the sweep, less ".sweep"
+    assert len(spec.trials) == count_trials(spec.file) == 2
+    for trial in spec.trials:
+        resolved = trial.resolved
+        assert (resolved["scenario"], resolved["strategy"], resolved["seed"]) == ("strong_prox", "fedprox", 7)
+        assert resolved["proximal-mu"] == 0.2  # the comparison's [run-config] wins over the scenario
+        assert trial.plan.run_config["strategy"] == "fedprox"  # what the trial's run gets
+    assert cli_main(["sweep", str(scenario), "--dry-run", "--project", str(ROOT)]) == 0
+    assert "2 valid trials" in capsys.readouterr().out
+    # The trial ids include the scenario's keys: another scenario value, other trials.
+    scenario.write_text(SCENARIO.replace("seed = 7", "seed = 8"))
+    assert not {t.trial_id for t in load_sweep(scenario, project=ROOT).trials} & {t.trial_id for t in spec.trials}
+
+
+def test_another_sweep_file_may_start_from_a_scenario(tmp_path: Path) -> None:
+    write_scenario(tmp_path / "scenarios", comparison(tmp_path / "out").replace(
+        "[federation-config]\nnum-supernodes = 2\n", "[federation-config]\nnum-supernodes = 3\n"))
+    path = write(tmp_path, "[grid]\nseed = [0, 1]\n").read_text().replace('name = "s"', 'scenario = "strong_prox"')
+    (tmp_path / "mine.toml").write_text(path.replace("[federation-config]\nnum-supernodes = 2\n", ""))
+
+    spec = load_sweep(tmp_path / "mine.toml", project=ROOT, scenarios=tmp_path / "scenarios")
+
+    assert spec.scenario == "strong_prox" and spec.name == "mine"
+    assert [t.resolved["strategy"] for t in spec.trials] == ["fedprox", "fedprox"]
+    assert [t.resolved["seed"] for t in spec.trials] == [0, 1]  # the grid wins over the scenario
+    assert {t.plan.num_hospitals for t in spec.trials} == {3}  # the scenario's comparison's federation
+
+
+def test_scenario_sweep_mistakes_are_one_sentence(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    lonely = write_scenario(tmp_path / "a", None)
+    mismatched = write_scenario(tmp_path / "b", comparison(tmp_path / "out").replace(
+        'scenario = "strong_prox"', 'scenario = "other"'))
+    unknown = write(tmp_path, "").read_text().replace('name = "s"', 'scenario = "strong-prox"')
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "u.toml").write_text(unknown)
+    write_scenario(tmp_path / "c" / "scenarios", None)
+    cases = {
+        lonely: f"Scenario 'strong_prox' compares nothing (no {tmp_path / 'a' / 'strong_prox.sweep.toml'}); "
+                "run it with fedscan run --scenario strong_prox.",
+        mismatched: "must be 'strong_prox', the scenario beside it. Got 'other' instead.",
+        tmp_path / "c" / "u.toml": "Unknown scenario 'strong-prox'. Did you mean 'strong_prox'? Known scenarios: "
+                                   "strong_prox (fedscan scenarios lists them).",
+    }
+    for path, message in cases.items():
+        code = cli_main(["sweep", str(path), "--dry-run", "--project", str(tmp_path / "c")
+                         if path.parent.name == "c" else str(ROOT)])
+        err = capsys.readouterr().err
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()

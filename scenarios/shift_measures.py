@@ -179,13 +179,16 @@ def histogram_distance(a: np.ndarray, b: np.ndarray) -> float:
     return float(wasserstein_distance(centres, centres, p, q))
 
 
-def mean_histogram(histograms: Sequence[np.ndarray], weights: Sequence[float] | None = None) -> np.ndarray:
+def mean_histogram(
+    histograms: Sequence[np.ndarray] | np.ndarray, weights: Sequence[float] | None = None
+) -> np.ndarray:
     """Weighted mean of histograms, normalised: the federation's pooled intensity distribution.
 
     Parameters
     ----------
-    histograms : sequence of numpy.ndarray
-        One ``(HISTOGRAM_BINS,)`` histogram per hospital (each normalised first).
+    histograms : sequence of numpy.ndarray, or numpy.ndarray
+        One ``(HISTOGRAM_BINS,)`` histogram per hospital (each normalised first), or a
+        ``(K, HISTOGRAM_BINS)`` array.
     weights : sequence of float, optional
         One non-negative weight per histogram (e.g. the hospitals' image counts), not all
         zero; equal weights if omitted.

@@ -265,7 +265,7 @@ def build_report(run_dir: str | Path) -> tuple[Path, Path]:
     settings = _load_settings(run)
     privacy = load_privacy(run)
     metrics = _load_metrics(run)
-    blocks = _report_blocks(run, settings, privacy, metrics)
+    blocks = _report_blocks(run, settings, privacy, metrics) + _scenario_blocks(run, metrics)
 
     md_path, html_path = run / REPORT_MD, run / REPORT_HTML
     for block in blocks:
@@ -795,6 +795,16 @@ def _final_test_dice(metrics: pd.DataFrame) -> dict[str, tuple[int, float]]:
         last = rows.sort_values("round").iloc[-1]
         out[str(int(str(site)))] = (int(last["round"]), float(last["value"]))
     return out
+
+
+def _scenario_blocks(run: Path, metrics: pd.DataFrame) -> list[_Block]:
+    """Sections of the scenarios the run took part in; each returns nothing when it does not apply.
+
+    Imported here, not at the top: the scenarios build on this module's blocks and renderers.
+    """
+    from scenarios.domain_shift_report import run_section
+
+    return run_section(run, metrics)
 
 
 def _report_blocks(

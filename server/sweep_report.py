@@ -51,6 +51,7 @@ from privacy.report import (
     _render_markdown,
     _Table,
 )
+from scenarios.domain_shift_report import SWEEP_FIGURES, sweep_section
 from server.sweep_results import (
     COMPLETED,
     NOT_REPORTED,
@@ -108,7 +109,7 @@ def build_sweep_report(sweep_dir: str | Path) -> tuple[Path, Path]:
     """
     data = read_sweep_folder(sweep_dir)
     blocks = _report_blocks(data)
-    for name in (DICE_EPSILON_PNG, DICE_ROUNDS_PNG):  # a plot of an earlier build may not apply now
+    for name in (DICE_EPSILON_PNG, DICE_ROUNDS_PNG, *SWEEP_FIGURES):  # an earlier build's plot may not apply now
         (data.sweep_dir / name).unlink(missing_ok=True)
     for block in blocks:
         if isinstance(block, _Figure):
@@ -183,6 +184,7 @@ def _report_blocks(data: SweepData) -> list[_Block | _LogTail]:
     blocks += _cell_blocks(data, cells)
     blocks += _dice_epsilon_blocks(data, cells)
     blocks += _rounds_blocks(data, trials, cells)
+    blocks += sweep_section(data.sweep_dir, data.trials, data.results, data.seed_key)
     blocks += _trial_blocks(data, trials)
     blocks += _failure_blocks(data, trials)
     return blocks

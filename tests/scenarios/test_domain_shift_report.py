@@ -1,0 +1,417 @@
+"""Domain-shift outputs: the tidy domain_shift.csv, fairness (mean, worst hospital, spread, per-class
+worst), the train-unseen gap, forgetting of a late joiner, the local models' site-by-site matrix,
+seeds aggregated with the sample std, and the sections the run and sweep reports add only when a
+run is a domain-shift run. Run folders are written by the server's own writers (RunOutputs)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+
+from privacy.report import ReportError, build_report
+from scenarios.domain_shift_report import DROP_PNG, LATE_PNG, MATRIX_PNG, SWEEP_FIGURES
+from scenarios.domain_shift_tables import (
+    COLUMNS,
+    DOMAIN_SHIFT_CSV,
+    domain_shift_rows,
+    fairness,
+    gap_table,
+    late_join,
+    load_run,
+    local_matrix,
+    over_seeds,
+    setting_label,
+    shift_drop,
+    sweep_rows,
+    write_domain_shift,
+)
+from server.outputs import MetricRow, RunOutputs
+from server.sweep_report import build_sweep_report
+from sims.config import config_from_run_config
+
+CLASSES = ("csf", "grey_matter", "white_matter")
+# Final-round dice_mean; earlier rounds are lower by 0.1 a round. Hospitals 0-2 train, 3-4 are unseen.
+TRAIN = {0: 0.80, 1: 0.70, 2: 0.75}
+UNSEEN = {3: 0.60, 4: 0.50}
+# Final-round per-class Dice (csf, grey_matter, white_matter).
+PER_CLASS = {
+    0: (0.70, 0.85, 0.85), 1: (0.50, 0.90, 0.70), 2: (0.65, 0.80, 0.80),
+    3: (0.40, 0.70, 0.70), 4: (0.30, 0.60, 0.60),
+}  # fmt: skip
+DISTANCE = {0: 0.01, 1: 0.02, 2: 0.03, 3: 0.10, 4: 0.20}
+ROUNDS = 3
+
+
+def role(site: int, kind: str = "train", join_round: int | None = None, noise: float = 0.0) -> dict[str, Any]:
+    return {
+        "site": site, "role": kind, "archetype": ["noisy", "blurry", "bias_contrast", "ringing_spikes"][site % 4],
+        "severity": 1.0 if kind == "train" else 2.0,
+        "join_round": (1 if kind == "train" else 0) if join_round is None else join_round,
+        "label_noise_rate": noise,
+    }  # fmt: skip
+
+
+def write_run(
+    root: Path,
+    rows: list[tuple[int, str, str, str, float]],
+    *,
+    roles: list[dict[str, Any]] | None,
+    run_config: dict[str, Any] | None = None,
+    seed: int = 3,
+) -> Path:
+    """A run folder written by RunOutputs: config.json (FedscanConfig.to_dict(), seed, roles) and metrics.csv."""
+    config = config_from_run_config({"seed": seed, **(run_config or {})})
+    outputs = RunOutputs.create(root, "ds")
+    extra: dict[str, Any] = {"seed": seed, "num_hospitals": len(roles or [])}
+    if roles is not None:
+        extra["roles"] = roles
+    outputs.write_config(config.to_dict(), **extra)
+    outputs.add(MetricRow(*row) for row in rows)
+    return outputs.run_dir
+
+
+def shift_metrics(
+    train: dict[int, float] = TRAIN, unseen: dict[int, float] = UNSEEN, *, rounds: int = ROUNDS
+) -> list[tuple[int, str, str, str, float]]:
+    """metrics.csv rows of a fedavg domain-shift run: test and unseen every round (plus their global
+    rows, train loss and the server's public rows, which the tables must leave out), shift at round 0."""
+    rows: list[tuple[int, str, str, str, float]] = [(0, str(s), "shift", "histogram_distance", d)
+                                                    for s, d in DISTANCE.items() if s in {**train, **unseen}]
+    for r in range(1, rounds + 1):
+        lower = 0.1 * (rounds - r)
+        for split, sites in (("test", train), ("unseen", unseen)):
+            for site, final in sites.items():
+                rows.append((r, str(site), split, "dice_mean", final - lower))
+                for name, value in zip(CLASSES, PER_CLASS[site], strict=True):
+                    rows.append((r, str(site), split, f"dice_{name}", value - lower))
+            if sites:
+                rows.append((r, "global", split, "dice_mean", 0.99))
+        rows += [(r, "0", "train", "train_loss", 0.3), (r, "global", "public", "dice_mean", 0.42)]
+    return rows
+
+
+FEDAVG = {"scenario": "domain_shift", "shift.unseen-hospitals": 2, "num-server-rounds": ROUNDS}
+
+
+def shift_run(root: Path, **kwargs: Any) -> Path:
+    roles = [role(0), role(1), role(2), role(3, "unseen"), role(4, "unseen")]
+    return write_run(root, shift_metrics(), roles=roles, run_config=FEDAVG, **kwargs)
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+# ----------------------------------------------------------------------------------- tidy table
+
+
+def test_csv_has_the_columns_and_one_row_per_hospital_split_round_metric(tmp_path: Path) -> None:
+    run = shift_run(tmp_path)
+
+    path = write_domain_shift(run)
+
+    rows = read_csv(path)
+    assert tuple(rows[0]) == COLUMNS
+    # test: 3 hospitals x 3 rounds x 4 metrics; unseen: 2 x 3 x 4; shift: 5 hospitals at round 0.
+    assert len(rows) == 36 + 24 + 5
+    assert {r["split"] for r in rows} == {"test", "unseen", "shift"}
+    assert all(r["test_hospital"].isdigit() for r in rows)  # no global rows
+    first = rows[0]
+    assert (first["setting"], first["strategy"], first["mitigation"], first["seed"]) == ("fedavg", "fedavg", "none", "3")
+    assert {(r["test_hospital"], r["test_role"]) for r in rows} == {
+        ("0", "train"), ("1", "train"), ("2", "train"), ("3", "unseen"), ("4", "unseen")
+    }
+    assert {r["train_hospital"] for r in rows} == {"federation"}
+    final = [r for r in rows if r["split"] == "unseen" and r["round"] == "3" and r["metric"] == "dice_mean"]
+    assert {r["test_hospital"]: float(r["value"]) for r in final} == {"3": 0.60, "4": 0.50}
+
+
+def test_fairness_gives_mean_worst_hospital_spread_and_per_class_worst(tmp_path: Path) -> None:
+    rows = domain_shift_rows(shift_run(tmp_path))
+
+    fair = fairness(rows).set_index("view")
+
+    test, unseen = fair.loc["test"], fair.loc["unseen"]
+    assert test["n_hospitals"] == 3 and unseen["n_hospitals"] == 2
+    assert test["dice_mean"] == pytest.approx(0.75)
+    assert (test["dice_worst"], test["worst_hospital"]) == (pytest.approx(0.70), 1)
+    assert test["dice_spread"] == pytest.approx(0.10)
+    assert (unseen["dice_worst"], unseen["worst_hospital"]) == (pytest.approx(0.50), 4)
+    assert test["csf_mean"] == pytest.approx((0.70 + 0.50 + 0.65) / 3)
+    assert test["csf_worst"] == pytest.approx(0.50)
+    assert test["grey_matter_worst"] == pytest.approx(0.80)
+    assert unseen["white_matter_worst"] == pytest.approx(0.60)
+
+    gap = gap_table(fairness(rows)).iloc[0]
+    assert gap["gap"] == pytest.approx(0.75 - 0.55)
+    assert (gap["unseen_worst_hospital"], gap["unseen_spread"]) == (4, pytest.approx(0.10))
+
+
+def test_shift_drop_is_the_training_mean_minus_the_hospital(tmp_path: Path) -> None:
+    rows = domain_shift_rows(shift_run(tmp_path))
+
+    drop = shift_drop(rows).set_index("test_hospital")
+
+    assert drop.loc[3, "distance"] == pytest.approx(0.10)
+    assert drop.loc[3, "drop"] == pytest.approx(0.75 - 0.60)
+    assert drop.loc[4, "drop"] == pytest.approx(0.25)
+    assert drop.loc[0, "drop"] == pytest.approx(-0.05)
+    assert list(drop["test_role"]) == ["train", "train", "train", "unseen", "unseen"]
+
+
+def test_late_joiner_curve_and_forgetting(tmp_path: Path) -> None:
+    # Hospital 2 trains from round 3; the originals (0, 1) average 0.70 in round 2 and 0.66 at the end.
+    originals = {0: [0.50, 0.70, 0.60, 0.62, 0.64], 1: [0.50, 0.70, 0.70, 0.66, 0.68]}
+    late = [0.20, 0.25, 0.40, 0.60, 0.70]
+    metrics = [(r + 1, str(s), "test", "dice_mean", v) for s, vs in {**originals, 2: late}.items()
+               for r, v in enumerate(vs)]  # fmt: skip
+    run = write_run(tmp_path, metrics, roles=[role(0), role(1), role(2, join_round=3)],
+                    run_config={"num-server-rounds": 5, "shift.late-join-round": 3})  # fmt: skip
+
+    rows = domain_shift_rows(run)
+    curve = late_join(rows, 2, 3)
+
+    assert set(rows["test_role"]) == {"train", "late"}
+    assert rows["setting"].iloc[0] == "fedavg · late@3"
+    assert curve.originals.to_dict() == pytest.approx({1: 0.5, 2: 0.7, 3: 0.65, 4: 0.64, 5: 0.66})
+    assert curve.forgetting == pytest.approx(0.70 - 0.66)
+    assert (curve.late_before, curve.late_final) == (pytest.approx(0.25), pytest.approx(0.70))
+
+    markdown = build_report(run)[0].read_text()
+    assert "**Forgetting**" in markdown and "= +0.040" in markdown
+    assert (run / LATE_PNG).stat().st_size > 1000
+
+
+def local_metrics() -> list[tuple[int, str, str, str, float]]:
+    """Strategy local: hospitals 0-2 train their own models (test = own model), 3 is unseen; at the
+    final round model-i is evaluated at every other hospital: 0.5 + 0.1 i - 0.05 j."""
+    rows = []
+    for r in (1, 2):
+        for i in range(3):
+            rows.append((r, str(i), "test", "dice_mean", 0.9 - 0.1 * i - (0.2 if r == 1 else 0.0)))
+    for i in range(3):
+        for j in range(4):
+            if i != j:
+                rows.append((2, str(j), f"model-{i}", "dice_mean", 0.5 + 0.1 * i - 0.05 * j))
+    return rows
+
+
+def test_local_models_give_the_site_by_site_matrix(tmp_path: Path) -> None:
+    run = write_run(tmp_path, local_metrics(), roles=[role(0), role(1), role(2), role(3, "unseen")],
+                    run_config={"strategy": "local", "num-server-rounds": 2, "shift.unseen-hospitals": 1})  # fmt: skip
+
+    rows = domain_shift_rows(run)
+    matrix = local_matrix(rows)
+
+    assert len(rows) == 6 + 9  # own test rows of 2 rounds, and 3 models x 3 other hospitals
+    models = rows[rows["split"].str.startswith("model-")]
+    assert set(models["train_hospital"]) == {"hospital-0", "hospital-1", "hospital-2"}
+    assert set(rows.loc[rows["split"] == "test", "train_hospital"]) == {"hospital-0", "hospital-1", "hospital-2"}
+    assert matrix.shape == (3, 4)
+    assert matrix.loc[1, 3] == pytest.approx(0.5 + 0.1 - 0.15)
+    assert [matrix.loc[i, i] for i in range(3)] == pytest.approx([0.9, 0.8, 0.7])  # own test split, final round
+    # No shared model: the unseen hospital's Dice is the mean over the local models at it.
+    unseen = fairness(rows).set_index("view").loc["unseen"]
+    assert bool(unseen["derived"]) and unseen["dice_mean"] == pytest.approx(0.5 + 0.1 - 0.15)
+
+    markdown = build_report(run)[0].read_text()
+    assert "mean over local models" in markdown
+    assert (run / MATRIX_PNG).stat().st_size > 1000
+
+
+def test_setting_label_names_the_non_default_settings() -> None:
+    config = config_from_run_config({
+        "strategy": "fedbn", "norm": "batch", "mitigation.standardize": "histogram",
+        "mitigation.scanner-augment": True, "mitigation.tta": "adabn", "shift.late-join-round": 5,
+        "shift.label-noise-hospital": 0, "shift.label-noise-rate": 0.5, "shift.holdout-archetype": "blurry",
+    }).to_dict()  # fmt: skip
+
+    label = setting_label(config)
+
+    assert label == "fedbn(batch) · histogram+augment+adabn · late@5 · noise h0 50% · loso:blurry"
+    assert setting_label(config_from_run_config({}).to_dict()) == "fedavg"
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda run: (run / "metrics.csv").unlink(), "has no metrics.csv"),
+        (lambda run: (run / "config.json").unlink(), "has no config.json"),
+        (lambda run: (run / "config.json").write_text("{not json"), "config.json is not readable JSON"),
+        (lambda run: (run / "config.json").write_text('{"config": {}, "roles": [{"site": -1, "role": "train"}]}'),
+         "roles[0] must be an object with an integer 'site' >= 0"),
+        (lambda run: (run / "metrics.csv").write_text("round,site,split,metric,value\n1,0,test,dice_mean,high\n"),
+         "column 'value' must be a number. Got 'high' instead."),
+    ],
+)  # fmt: skip
+def test_a_missing_or_garbled_file_is_one_sentence(tmp_path: Path, damage: Any, message: str) -> None:
+    run = shift_run(tmp_path)
+    damage(run)
+
+    with pytest.raises(ReportError, match=None) as caught:
+        domain_shift_rows(run)
+
+    assert message in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_roles_missing_from_config_are_derived_from_the_metrics(tmp_path: Path) -> None:
+    run = write_run(tmp_path, shift_metrics(), roles=None, run_config=FEDAVG)
+
+    _, info = load_run(run)
+
+    assert info.roles_source == "derived from metrics.csv"
+    assert [(r.site, r.test_role) for r in info.roles] == [(0, "train"), (1, "train"), (2, "train"),
+                                                           (3, "unseen"), (4, "unseen")]  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------- run report
+
+
+def test_run_report_adds_the_section_and_writes_the_csv(tmp_path: Path) -> None:
+    run = shift_run(tmp_path)
+
+    md_path, html_path = build_report(run)
+
+    markdown = md_path.read_text()
+    section = markdown[markdown.index("## Domain shift"):]
+    assert "| training hospitals | 3 | 0.750 | 0.700 (h1) | 0.100 | – | 0.617 / 0.500 |" in section
+    assert "| unseen hospitals | 2 | 0.550 | 0.500 (h4) | 0.100 | 0.200 | 0.350 / 0.300 |" in section
+    assert "| hospital 4 | unseen | noisy | 2 | never | 0.500 | 0.2000 | +0.250 |" in section
+    assert (run / DROP_PNG).stat().st_size > 1000
+    assert len(read_csv(run / DOMAIN_SHIFT_CSV)) == 65
+    assert "Domain shift</h2>" in html_path.read_text()
+
+
+def test_run_report_without_the_scenario_is_unchanged(tmp_path: Path) -> None:
+    metrics = [r for r in shift_metrics(unseen={}) if r[2] != "shift"]
+    run = write_run(tmp_path, metrics, roles=[role(0), role(1), role(2)], run_config={"num-server-rounds": ROUNDS})
+
+    markdown = build_report(run)[0].read_text()
+
+    assert "Domain shift" not in markdown
+    assert not (run / DOMAIN_SHIFT_CSV).exists() and not (run / DROP_PNG).exists()
+
+
+# --------------------------------------------------------------------------------- sweep report
+
+
+def sweep_trial(trial: str, strategy: str, seed: int, train: dict[int, float], unseen: dict[int, float],
+                *, own_config: bool = True) -> tuple[dict[str, Any], list[list[Any]]]:  # fmt: skip
+    """A trials.jsonl record (with the run's config.json as run_config_json, or without it) and its
+    results.csv rows."""
+    flat = {**FEDAVG, "strategy": strategy, "seed": seed}
+    record: dict[str, Any] = {
+        "trial": trial, "swept": {"strategy": strategy, "seed": seed}, "status": "completed", "config": flat,
+        "federation": {"num-supernodes": 5}, "run_dir": f"/runs/{trial}",
+    }
+    if own_config:
+        roles = [role(s) for s in train] + [role(s, "unseen") for s in unseen]
+        config = config_from_run_config(flat).to_dict()
+        record["run_config_json"] = {"config": config, "seed": seed, "num_hospitals": 5, "roles": roles}
+    rows = [[trial, strategy, seed, *row] for row in shift_metrics(train, unseen, rounds=2)]
+    return record, rows
+
+
+def write_sweep(folder: Path, trials: list[tuple[dict[str, Any], list[list[Any]]]]) -> Path:
+    folder.mkdir(parents=True)
+    ids = [record["trial"] for record, _ in trials]
+    info = {"name": "ds", "swept_keys": ["strategy", "seed"], "seed_key": "seed", "trials": ids}
+    (folder / "sweep.json").write_text(json.dumps(info))
+    (folder / "trials.jsonl").write_text("".join(json.dumps(record) + "\n" for record, _ in trials))
+    with (folder / "results.csv").open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["trial", "strategy", "seed", "round", "site", "split", "metric", "value"])
+        for _, rows in trials:
+            writer.writerows(rows)
+    return folder
+
+
+def shift_sweep(folder: Path) -> Path:
+    """fedavg: training means 0.75, 0.70, 0.80 and unseen means 0.55, 0.45, 0.50 over seeds 0-2 (seed 2
+    without its config.json in trials.jsonl); fedprox: one seed."""
+    fedavg = [({0: 0.80, 1: 0.70, 2: 0.75}, {3: 0.60, 4: 0.50}),
+              ({0: 0.75, 1: 0.65, 2: 0.70}, {3: 0.50, 4: 0.40}),
+              ({0: 0.85, 1: 0.75, 2: 0.80}, {3: 0.45, 4: 0.55})]  # fmt: skip
+    trials = [sweep_trial(f"a{s}", "fedavg", s, *fedavg[s], own_config=s < 2) for s in range(3)]
+    trials.append(sweep_trial("b0", "fedprox", 0, {0: 0.8, 1: 0.8, 2: 0.8}, {3: 0.7, 4: 0.7}))
+    return write_sweep(folder, trials)
+
+
+def test_sweep_rows_carry_the_trial_and_seed_and_aggregate_with_the_sample_std(tmp_path: Path) -> None:
+    folder = shift_sweep(tmp_path / "sweep")
+    trials = [json.loads(line) for line in (folder / "trials.jsonl").read_text().splitlines()]
+    results = pd.read_csv(folder / "results.csv", dtype={"site": str})
+
+    rows, infos = sweep_rows({t["trial"]: t for t in trials}, results, "seed")
+    gaps = gap_table(fairness(rows))
+    stats = over_seeds(gaps, ("train_dice", "unseen_dice", "gap")).set_index("setting")
+
+    assert list(rows.columns) == ["trial", *COLUMNS]
+    assert len(rows) == 4 * (24 + 16 + 5)  # 2 rounds: test 3 x 2 x 4, unseen 2 x 2 x 4, shift 5
+    # The trial without its config.json gets its roles from the run config (or, failing that, metrics).
+    assert infos["a2"].roles_source != "config.json"
+    assert set(rows.loc[rows["trial"] == "a2", "test_role"]) == {"train", "unseen"}
+    assert sorted(rows.loc[rows["trial"] == "a2", "seed"].unique()) == [2]
+    fedavg = stats.loc["fedavg"]
+    assert fedavg["n_seeds"] == 3
+    assert fedavg["train_dice_mean"] == pytest.approx(0.75)
+    assert fedavg["train_dice_std"] == pytest.approx(0.05)
+    assert fedavg["unseen_dice_mean"] == pytest.approx(0.50)
+    assert fedavg["gap_mean"] == pytest.approx(0.25) and fedavg["gap_std"] == pytest.approx(0.05)
+    assert stats.loc["fedprox", "n_seeds"] == 1 and math.isnan(stats.loc["fedprox", "gap_std"])
+
+
+def test_sweep_report_adds_the_section_and_the_csv(tmp_path: Path) -> None:
+    folder = shift_sweep(tmp_path / "sweep")
+
+    md_path, html_path = build_sweep_report(folder)
+
+    markdown = md_path.read_text()
+    section = markdown[markdown.index("## Domain shift"):markdown.index("## Trials")]
+    assert ("| fedavg | fedavg | none | 3 | 0.750 ± 0.050 | 0.500 ± 0.050 | 0.250 ± 0.050 | 0.450 ± 0.050 | "
+            "h4 (2/3) | 0.100 ± 0.000 |") in section  # fmt: skip
+    assert "| fedprox | fedprox | none | 1 | 0.800 ± – | 0.700 ± – | 0.100 ± – |" in section
+    assert "### Fairness" in section
+    table = read_csv(folder / DOMAIN_SHIFT_CSV)
+    assert list(table[0]) == ["trial", *COLUMNS] and len(table) == 4 * 45
+    for name in ("sweep_domain_shift_heatmap.png", "sweep_domain_shift_bars.png", "sweep_domain_shift_drop.png"):
+        assert name in SWEEP_FIGURES and (folder / name).stat().st_size > 1000
+    assert "Domain shift</h2>" in html_path.read_text()
+
+
+def test_sweep_heatmap_holds_the_mean_over_seeds_and_the_local_matrix(tmp_path: Path) -> None:
+    from scenarios.domain_shift_report import _sweep_heatmap
+
+    folder = shift_sweep(tmp_path / "sweep")
+    trials = {t["trial"]: t for t in map(json.loads, (folder / "trials.jsonl").read_text().splitlines())}
+    results = pd.read_csv(folder / "results.csv", dtype={"site": str})
+    rows, _ = sweep_rows(trials, results, "seed")
+    local_run = write_run(tmp_path, local_metrics(), roles=[role(0), role(1), role(2), role(3, "unseen")],
+                          run_config={"strategy": "local", "num-server-rounds": 2, "shift.unseen-hospitals": 1})
+    local = domain_shift_rows(local_run).assign(trial="l0")  # fmt: skip
+
+    heat, roles = _sweep_heatmap(pd.concat([rows, local], ignore_index=True))
+
+    assert heat.loc["fedavg", 0] == pytest.approx((0.80 + 0.75 + 0.85) / 3)
+    assert heat.loc["fedavg", 4] == pytest.approx((0.50 + 0.40 + 0.55) / 3)
+    assert heat.loc["local: model of h1", 3] == pytest.approx(0.45)
+    assert heat.loc["local: model of h2", 2] == pytest.approx(0.7)
+    assert roles[0] == "train" and roles[4] == "unseen"
+
+
+def test_sweep_report_without_the_scenario_has_no_section(tmp_path: Path) -> None:
+    record, rows = sweep_trial("a0", "fedavg", 0, TRAIN, {})
+    record["config"]["scenario"] = "none"
+    record["run_config_json"]["config"]["scenario"] = "none"
+    folder = write_sweep(tmp_path / "sweep", [(record, [r for r in rows if r[5] != "shift"])])
+
+    markdown = build_sweep_report(folder)[0].read_text()
+
+    assert "Domain shift" not in markdown and not (folder / DOMAIN_SHIFT_CSV).exists()

@@ -18,10 +18,12 @@ non-zero and it carries no anatomy.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import numpy as np
 import torch
+from monai.data import get_track_meta, set_track_meta
 
 from common.validation import check_float
 from scenarios.shift_measures import FOREGROUND_THRESHOLD, check_images, check_weights, foreground_mask
@@ -324,6 +326,22 @@ _MAX_STRENGTH = 2.0  # keeps every drawn profile inside ScannerProfile's ranges
 _SEED_BOUND = 2**63 - 1
 
 
+@contextmanager
+def _plain_monai_tensors() -> Iterator[None]:
+    """Let MONAI transforms return plain tensors, restoring the previous setting afterwards.
+
+    At 64-96 px MONAI's MetaTensor bookkeeping costs more than the maths: turning it off
+    makes the augmentation about 40 % faster with identical bytes (we never read the
+    metadata). The setting is process-wide, like torch's thread count.
+    """
+    previous = get_track_meta()
+    set_track_meta(False)
+    try:
+        yield
+    finally:
+        set_track_meta(previous)
+
+
 def _random_profile(rng: np.random.Generator, strength: float, probability: float) -> ScannerProfile:
     """A random scanner: each effect on with ``probability``, its strength ``U(0, limit * strength)``.
 
@@ -393,8 +411,13 @@ def scanner_augment_batch(
 
     Notes
     -----
-    Costs about 2 ms per image at 64 and 96 px on one CPU thread (MONAI transform overhead
-    dominates at these sizes); torch runs single-threaded meanwhile, as in :mod:`sims.scanners`.
+    The input must be on the nominal non-negative scale (raw or histogram-standardised
+    images): like the scanners, the output is clipped at 0, so augment *before* a z-score,
+    never after (a z-scored foreground is half negative).
+
+    Costs about 1.8 ms per image at 64 px and 2.4 ms at 96 px of one CPU core (measured as
+    thread CPU time, batches of 8); torch runs single-threaded and MONAI without
+    MetaTensor bookkeeping meanwhile, both restored afterwards.
     """
     strength = check_float("strength", strength, owner="scanner_augment_batch", low=0.0, high=_MAX_STRENGTH)
     probability = check_float("probability", probability, owner="scanner_augment_batch", low=0.0, high=1.0)
@@ -407,7 +430,7 @@ def scanner_augment_batch(
     seeds = torch.randint(0, _SEED_BOUND, (x.shape[0],), generator=generator).tolist()
     images = x.detach().cpu().numpy()
     out = np.empty(images.shape, dtype=np.float32)
-    with _single_threaded_torch():
+    with _single_threaded_torch(), _plain_monai_tensors():
         for i, seed in enumerate(seeds):
             rng = np.random.default_rng(seed)
             out[i, 0] = apply_scanner(images[i, 0], _random_profile(rng, strength, probability), rng)

@@ -8,6 +8,7 @@ from dataclasses import fields
 import numpy as np
 import pytest
 import torch
+from monai.data import get_track_meta
 
 from scenarios.mitigations import (
     AUGMENT_LIMITS,
@@ -239,6 +240,7 @@ def test_scanner_augmentation_without_effects_is_the_identity(batch: tuple[torch
 
 def test_scanner_augmentation_is_deterministic_in_the_generator(batch: tuple[torch.Tensor, torch.Tensor]) -> None:
     x, y = batch
+    threads = torch.get_num_threads()
 
     first, _ = scanner_augment_batch(x, y, torch.Generator().manual_seed(7))
     again, _ = scanner_augment_batch(x, y, torch.Generator().manual_seed(7))
@@ -246,6 +248,8 @@ def test_scanner_augmentation_is_deterministic_in_the_generator(batch: tuple[tor
 
     assert first.numpy().tobytes() == again.numpy().tobytes()
     assert not torch.equal(first, other)
+    # The process-wide settings it changes meanwhile are restored.
+    assert get_track_meta() and torch.get_num_threads() == threads
 
 
 def test_scanner_augmentation_changes_intensities_only_and_keeps_the_scale(

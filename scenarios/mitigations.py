@@ -1,6 +1,6 @@
 """Mitigations of scanner shift: intensity normalisation, histogram standardisation, scanner augmentation.
 
-Three pure tools a hospital applies to its own images; none needs another hospital's data.
+Three pure tools a hospital applies to its own images; none reads another hospital's images.
 
 * :func:`zscore_images` -- per-image z-score over the foreground (no summary leaves the hospital).
 * Histogram standardisation (Nyúl and Udupa): each hospital sends :func:`image_landmarks`, a

@@ -39,6 +39,7 @@ strategy = "fedavg"
 [[trials]]
 strategy = "fedprox"
 """
+PATH_KEYS = ("output-dir", "cache-dir", "checkpoint.keyring", "checkpoint.resume-from")  # resolved to absolute
 QUIET = '# Nothing but a name\nscenario = "quiet"\n'
 
 
@@ -170,7 +171,9 @@ def test_every_shipped_comparison_expands_and_carries_its_scenario() -> None:
         spec = load_sweep(scenario.path, project=ROOT)
         assert spec.scenario == scenario.name and spec.file == scenario.comparison
         assert len(spec.trials) == count_trials(scenario.comparison) > 0
+        # the scenario's keys, then the comparison's own [run-config], then what each trial sets
+        own = flatten_dict(tomllib.loads(scenario.comparison.read_text()).get("run-config", {}))
+        base = {k: v for k, v in {**scenario.run_config, **own}.items() if k not in PATH_KEYS}
         for trial in spec.trials:
-            for key, value in scenario.run_config.items():
-                # the scenario's key, unless the comparison sets it itself
+            for key, value in base.items():
                 assert key in spec.swept_keys or trial.resolved[key] == value, (key, trial.label())

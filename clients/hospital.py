@@ -5,6 +5,7 @@ Flower-free, so the ClientApp adapter stays thin and tests can drive a hospital 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
@@ -66,6 +67,12 @@ def _prepared(
     return images, labels
 
 
+def _zscore_batch(x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    from scenarios.mitigations import zscore_images
+
+    return torch.from_numpy(zscore_images(x.numpy())), y
+
+
 @dataclass(frozen=True)
 class Hospital:
     """One simulated hospital (a Flower SuperNode's ``partition-id``).
@@ -102,9 +109,20 @@ class Hospital:
         return _hospital_data(self.config.world, self.spec, self.config.cache_dir)[split]
 
     def data(self, split: str) -> tuple[np.ndarray, np.ndarray]:
-        """A split as this hospital trains and evaluates on it: its own annotations (noisy when
+        """A split as this hospital evaluates on it: its own annotations (noisy when
         ``shift.label-noise-hospital`` names it) and the standardisation ``mitigation`` asks for."""
+        return self._data(split, self.config.mitigation)
+
+    def training_data(self) -> tuple[np.ndarray, np.ndarray]:
+        """The train split as training reads it: like :meth:`data`, except that a per-image
+        z-score is left to :meth:`batch_transform`, after augmentation (which clips at 0 and
+        would erase the negative half of a z-scored brain)."""
         mitigation = self.config.mitigation
+        if mitigation.standardize == "zscore":
+            mitigation = dataclasses.replace(mitigation, standardize="none")
+        return self._data("train", mitigation)
+
+    def _data(self, split: str, mitigation: MitigationSpec) -> tuple[np.ndarray, np.ndarray]:
         noise = (self.role.label_noise_rate if self.role else 0.0, self.config.shift.label_noise_kind)
         if noise[0] == 0 and mitigation.standardize == "none":
             return self.raw_data(split)
@@ -113,6 +131,8 @@ class Hospital:
             own = tuple(float(v) for v in self.landmarks())
         return _prepared(self.config.world, self.spec, self.config.cache_dir, split, noise, mitigation, own,
                          self.hist_standard)
+
+
 
     def landmarks(self) -> np.ndarray:
         """This hospital's histogram landmarks (mean foreground percentiles of its train images): a
@@ -130,8 +150,9 @@ class Hospital:
         return make_model(len(class_names(self.config.world.lesions)), t.unet_channels, norm=t.norm)
 
     def batch_transform(self) -> BatchTransform | None:
-        """The training-time augmentation: flips/gain/gamma (``augment``), then random scanner
-        effects (``mitigation.scanner-augment``); ``None`` when both are off."""
+        """The training-time transform of each batch: flips/gain/gamma (``augment``), random
+        scanner effects (``mitigation.scanner-augment``), then the per-image z-score
+        (``mitigation.standardize = "zscore"``); ``None`` when all are off."""
         steps: list[BatchTransform] = []
         if self.config.world.augment:
             steps.append(augment_batch)
@@ -139,6 +160,8 @@ class Hospital:
             from scenarios.mitigations import scanner_augment_batch
 
             steps.append(scanner_augment_batch)
+        if self.config.mitigation.standardize == "zscore":
+            steps.append(_zscore_batch)
         if not steps:
             return None
         if len(steps) == 1:
@@ -153,7 +176,7 @@ class Hospital:
 
     def train(self, model: torch.nn.Module, server_round: int, *, proximal_mu: float = 0.0) -> LocalTrainResult:
         """One round of local training on the train split, in place."""
-        images, labels = self.data("train")
+        images, labels = self.training_data()
         t = self.config.train
         return train_one_round(
             model,
@@ -171,7 +194,7 @@ class Hospital:
     def finetune(self, model: torch.nn.Module) -> LocalTrainResult:
         """Personalisation: ``finetune-epochs`` epochs of local training of ``model`` (in place)
         at the run's base learning rate; its own random stream."""
-        images, labels = self.data("train")
+        images, labels = self.training_data()
         t = self.config.train
         return train_one_round(
             model, images, labels, epochs=t.finetune_epochs, lr=t.lr, batch_size=t.batch_size,
@@ -228,7 +251,7 @@ class Hospital:
         frozen = [w for n, w in model.named_parameters() if trainable is not None and n not in trainable]
         for weight in frozen:
             weight.requires_grad_(False)
-        images, labels = self.data("train")
+        images, labels = self.training_data()
         plan = self.dp_plan()
         t, p = self.config.train, self.config.privacy
         result = train_dp_round(

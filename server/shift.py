@@ -136,7 +136,7 @@ class ShiftCoordinator:
             Hospital.from_partition(c, site, self.num_hospitals, hist_standard=tuple(self.standard))
             for site in self.train_sites(server_round)
         ]
-        parts = [h.data("train") for h in hospitals]
+        parts = [h.training_data() for h in hospitals]
         model = make_model(len(class_names(c.world.lesions)), t.unet_channels, norm=t.norm)
         model.load_state_dict(arrays.to_torch_state_dict())
         result = train_one_round(

@@ -139,8 +139,8 @@ def setting_label(config: Mapping[str, Any]) -> str:
 
     The strategy (with its norm when not ``instance``), the mitigation when there is one, local
     fine-tuning, and the shift settings that are not at their default: ``late@R`` (late joiner),
-    ``noise h0 50%`` (label noise), ``loso:<archetype>`` (held-out scanner), ``unseen sev 2,3``.
-    Parts are joined with ``" · "``, e.g. ``"fedbn(batch) · histogram+augment · late@5"``.
+    ``noise h0 50%`` (label noise), ``loso:<archetype>`` (held-out scanner), ``unseen sev 2/3``
+    (no commas: the label is a CSV cell). Parts are joined with ``" · "``, e.g. ``"fedbn(batch) · histogram+augment · late@5"``.
     """
     train = _section(config, "train")
     shift = _section(config, "shift")
@@ -161,7 +161,7 @@ def setting_label(config: Mapping[str, Any]) -> str:
         parts.append(f"loso:{shift['holdout_archetype']}")
     severities = shift.get("unseen_severities") or ()
     if severities:
-        parts.append("unseen sev " + ",".join(f"{float(s):g}" for s in severities))
+        parts.append("unseen sev " + "/".join(f"{float(s):g}" for s in severities))
     return " · ".join(parts)
 
 

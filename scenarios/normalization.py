@@ -1,7 +1,7 @@
-"""Normalisation layers across hospitals: FedBN's local layers and AdaBN test-time adaptation.
+"""Normalisation layers across hospitals: FedBN's local layers, AdaBN and TENT test-time adaptation.
 
 Scanners shift intensity statistics, and normalisation layers are where a network stores
-them. Two remedies act on those layers only, with no labels:
+them. Three remedies act on those layers only:
 
 - **FedBN** (Li et al., "FedBN: Federated learning on non-IID features via local batch
   normalization", ICLR 2021): each hospital keeps its normalisation layers (weights, biases
@@ -12,6 +12,9 @@ them. Two remedies act on those layers only, with no labels:
   ICLR workshop 2017 / Pattern Recognition 2018): before testing on a new domain, recompute
   every BatchNorm's running statistics on that domain's unlabelled images
   (:func:`adapt_batch_norm`).
+- **TENT** (Wang et al., ICLR 2021): a few steps on the normalisation layers' affine weights
+  that lower the entropy of the predictions on unlabelled target images
+  (:func:`entropy_minimization`).
 
 Pure functions on torch modules and state dicts, Flower-free: a hospital calls them on its
 own model and data; only the shared entries travel.
@@ -215,3 +218,93 @@ def adapt_batch_norm(model: torch.nn.Module, images: np.ndarray, *, batch_size: 
         for module, flag in training.items():
             module.training = flag
     return len(layers)
+
+
+def entropy_minimization(
+    model: torch.nn.Module, images: np.ndarray, *, epochs: int = 1, lr: float = 1e-3, batch_size: int = 32
+) -> list[float]:
+    """TENT: adapt the normalisation layers' affine weights by minimising prediction entropy.
+
+    Wang et al., "Tent: Fully test-time adaptation by entropy minimization", ICLR 2021. For
+    each batch of unlabelled target images, in order, one Adam step lowers the mean per-pixel
+    entropy of the softmax over classes (dim 1), updating only the ``weight`` and ``bias`` of
+    the normalisation layers (BatchNorm, affine InstanceNorm, GroupNorm, LayerNorm). As in
+    TENT, BatchNorm normalises with the batch's own statistics while adapting; its running
+    statistics are left as they were (run :func:`adapt_batch_norm` first to replace them).
+    Every other module stays in eval mode (dropout off); training flags are restored and no
+    ``.grad`` is left on any parameter.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        Returns logits ``(B, K, ...)``; adapted in place.
+    images : ndarray, shape (N, C, H, W)
+    epochs : int
+        Passes over ``images`` (TENT proper is one online pass).
+    lr : float
+        Adam's learning rate (TENT's ImageNet setting used SGD at 2.5e-4; Adam 1e-3 is its
+        CIFAR setting).
+    batch_size : int
+        Images per adaptation step.
+
+    Returns
+    -------
+    list of float
+        The mean entropy (nats per pixel) of each batch before its step; empty, with the
+        model untouched, when there is no normalisation weight to adapt or no image.
+
+    Raises
+    ------
+    ValueError
+        If ``epochs`` or ``batch_size`` is not a positive integer, or ``lr`` is not a
+        positive finite float.
+    """
+    for name, value in (("epochs", epochs), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(
+                f"The {name!r} parameter of entropy_minimization must be an int in [1, inf). Got {value!r} instead."
+            )
+    if isinstance(lr, bool) or not isinstance(lr, int | float) or not 0 < lr < float("inf"):
+        raise ValueError(
+            f"The 'lr' parameter of entropy_minimization must be a float in (0, inf). Got {lr!r} instead."
+        )
+    params = [
+        p
+        for m in model.modules()
+        if isinstance(m, _NORM_TYPES)
+        for p in (getattr(m, "weight", None), getattr(m, "bias", None))
+        if isinstance(p, torch.nn.Parameter)
+    ]
+    if not params or len(images) == 0:
+        return []
+    layers = _running_stat_layers(model)
+    stats = {m: {k: v.clone() for k, v in m.named_buffers(recurse=False)} for m in layers}
+    training = {m: m.training for m in model.modules()}
+    optimizer = torch.optim.Adam(params, lr=lr)
+    device, dtype = params[0].device, params[0].dtype
+    entropies: list[float] = []
+    try:
+        model.eval()
+        for layer in layers:
+            layer.train()  # normalise with the test batch's statistics, as TENT does
+        for _ in range(epochs):
+            for start in range(0, len(images), batch_size):
+                batch = torch.as_tensor(np.asarray(images[start : start + batch_size]))
+                log_p = torch.log_softmax(model(batch.to(device=device, dtype=dtype)), dim=1)
+                entropy = -(log_p.exp() * log_p).sum(dim=1).mean()
+                # autograd.grad, not backward: no other parameter gets a .grad
+                grads = torch.autograd.grad(entropy, params)
+                for p, g in zip(params, grads, strict=True):
+                    p.grad = g
+                optimizer.step()
+                entropies.append(float(entropy.detach()))
+    finally:
+        for p in params:
+            p.grad = None
+        with torch.no_grad():
+            for layer, saved in stats.items():
+                for key, saved_value in saved.items():
+                    getattr(layer, key).copy_(saved_value)
+        for module, flag in training.items():
+            module.training = flag
+    return entropies

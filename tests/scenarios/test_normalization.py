@@ -1,4 +1,4 @@
-"""FedBN's local entries, their split and merge, and AdaBN's re-estimated statistics."""
+"""FedBN's local entries, their split and merge, AdaBN's re-estimated statistics and TENT's step."""
 
 from __future__ import annotations
 
@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from scenarios.normalization import adapt_batch_norm, local_state_names, merge_local, split_local
+from scenarios.normalization import (
+    adapt_batch_norm,
+    entropy_minimization,
+    local_state_names,
+    merge_local,
+    split_local,
+)
 from sims.model import NORMS, make_model
 
 _STATS = ("running_mean", "running_var", "num_batches_tracked")
@@ -236,3 +242,64 @@ def test_adabn_refuses_a_bad_batch_size_and_no_images_without_touching_the_model
                                    "Got 0 instead.")
     for key, value in model.state_dict().items():
         assert torch.equal(value, before[key]), key
+
+
+# ---------------------------------------------------------------- TENT
+
+
+def test_tent_takes_one_adam_step_down_the_entropy_on_the_norm_weights_only() -> None:
+    # Prepare: the oracle step, from an identical copy (dropout off, BN on batch statistics).
+    model, oracle = _Tiny(), _Tiny()
+    images = _images(4, size=8)
+    before = _snapshot(model)
+    oracle.eval()
+    oracle.bn1.train()
+    oracle.bn2.train()
+    norm_params = [oracle.bn1.weight, oracle.bn1.bias, oracle.bn2.weight, oracle.bn2.bias]
+    log_p = torch.log_softmax(oracle(torch.from_numpy(images)), dim=1)
+    entropy = -(log_p.exp() * log_p).sum(dim=1).mean()
+    grads = torch.autograd.grad(entropy, norm_params)
+    lr = 1e-2
+    # Adam's first step moves each weight by lr * g / (|g| + eps) (bias-corrected moments).
+    expected = [p.detach() - lr * g / (g.abs() + 1e-8) for p, g in zip(norm_params, grads, strict=True)]
+
+    # Execute
+    entropies = entropy_minimization(model, images, lr=lr, batch_size=8)
+
+    # Assert
+    assert entropies == [pytest.approx(float(entropy.detach()), rel=1e-6)]
+    got = [model.bn1.weight, model.bn1.bias, model.bn2.weight, model.bn2.bias]
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g.detach(), e, rtol=1e-5, atol=1e-6)
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {"bn1.weight", "bn1.bias", "bn2.weight", "bn2.bias"}  # stats, convs untouched
+    assert all(p.grad is None for p in model.parameters())
+    assert all(m.training for m in model.modules()) and model.bn2.momentum == 0.3
+
+
+@pytest.mark.parametrize("norm", ["batch", "group", "instance-affine"])
+def test_tent_lowers_the_entropy_of_a_unet_and_changes_only_its_norm_weights(norm: str) -> None:
+    model = make_model(3, (8, 16), seed=4, norm=norm)
+    before = _snapshot(model)
+
+    entropies = entropy_minimization(model, _images(4), epochs=8, lr=1e-2, batch_size=4)
+
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert len(entropies) == 8 and entropies[-1] < entropies[0]
+    assert changed and changed <= {n for n in local_state_names(model) if n.endswith(("weight", "bias"))}
+
+
+def test_tent_is_a_no_op_without_norm_weights_and_refuses_bad_settings() -> None:
+    model = make_model(3, (8, 16), seed=4, norm="instance")
+    before = _snapshot(model)
+
+    assert entropy_minimization(model, _images(4)) == []
+    assert entropy_minimization(_Tiny(), _images(0, size=8)) == []
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    with pytest.raises(ValueError, match=r"The 'epochs' parameter of entropy_minimization .* Got 0 instead"):
+        entropy_minimization(model, _images(4), epochs=0)
+    with pytest.raises(ValueError, match=r"The 'lr' parameter of entropy_minimization .* Got -1.0 instead"):
+        entropy_minimization(model, _images(4), lr=-1.0)

@@ -114,7 +114,9 @@ def merge_local(
     Returns
     -------
     dict
-        A new dict in ``global_state``'s order; neither input is modified.
+        A new dict in ``global_state``'s order; neither input is modified, and values
+        whose type, dtype and device already match are not copied (load them into a
+        model, or copy, before changing either input in place).
 
     Raises
     ------

@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from sims.config import ConfigError, FedscanConfig
-from sims.hospitals import HospitalSpec, make_federation
-from sims.scanners import make_scanner_profile, scanner_archetype
+
+if TYPE_CHECKING:
+    from sims.hospitals import HospitalSpec
 
 TRAIN = "train"
 UNSEEN = "unseen"
@@ -69,6 +71,8 @@ def site_roles(config: FedscanConfig, num_nodes: int) -> tuple[SiteRole, ...]:
         When the shift settings leave no hospital to train, or name a hospital that does
         not exist or does not train (one sentence naming the key, the value and the limit).
     """
+    from sims.scanners import scanner_archetype  # torch and MONAI: not before a shift is configured
+
     shift, world = config.shift, config.world
     unseen = shift.unseen_hospitals
     positions = num_nodes - unseen
@@ -124,6 +128,9 @@ def unseen_sites(roles: tuple[SiteRole, ...]) -> list[int]:
 def federation_specs(config: FedscanConfig, num_nodes: int) -> tuple[HospitalSpec, ...]:
     """Every hospital's spec: :func:`sims.hospitals.make_federation`, with each unseen
     hospital's scanner drawn at its own severity."""
+    from sims.hospitals import make_federation
+    from sims.scanners import make_scanner_profile
+
     specs = list(make_federation(config.world, num_nodes))
     for role in site_roles(config, num_nodes):
         if role.role == UNSEEN and role.severity != config.world.scanner_severity:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from sims.config import FedscanConfig
+from sims.config import FedscanConfig, ShiftSpec
 
 if TYPE_CHECKING:
     from server.checkpointing import ResumeState
@@ -24,9 +24,11 @@ def preflight(config: FedscanConfig, num_hospitals: int) -> ResumeState | None:
     Returns the verified, decrypted state to resume from (``None`` for a fresh run), so the
     ServerApp does not read and decrypt the checkpoint a second time.
     """
-    from scenarios.domain_shift import site_roles, training_sites
+    trainers = num_hospitals
+    if config.shift != ShiftSpec():  # torch and MONAI (the scanners) only when a shift is configured
+        from scenarios.domain_shift import site_roles, training_sites
 
-    trainers = len(training_sites(site_roles(config, num_hospitals)))  # raises on impossible shift settings
+        trainers = len(training_sites(site_roles(config, num_hospitals)))  # raises on impossible shift settings
     if config.privacy.sample_level:
         from server.privacy_plan import check_privacy_plan  # Opacus, only when needed
 

@@ -205,7 +205,8 @@ def _site_table(rows: pd.DataFrame, info: RunInfo) -> _Table:
     extra = [v for v in ("unseen-tta", "finetuned") if (dice["view"] == v).any()]
     extra_by_site = {v: dict(zip(dice.loc[dice["view"] == v, "test_hospital"],
                                  dice.loc[dice["view"] == v, "value"], strict=True)) for v in extra}  # fmt: skip
-    drop = shift_drop(rows).set_index("test_hospital")
+    distance = shift_drop(rows).set_index("test_hospital")["distance"]
+    reference = float(main.loc[main["view"] == "test", "value"].mean())
     header = ("site", "role", "archetype", "severity", "joins in round", "final Dice",
               *(VIEWS[v].replace("training hospitals ", "").replace("unseen hospitals ", "") for v in extra),
               "histogram distance", "Dice drop")  # fmt: skip
@@ -222,8 +223,8 @@ def _site_table(rows: pd.DataFrame, info: RunInfo) -> _Table:
                 ("never" if role.join_round == 0 else str(role.join_round)) if role else "n/a",
                 _num(main_by_site.get(site, math.nan)),
                 *(_num(extra_by_site[v].get(site, math.nan)) for v in extra),
-                _num(drop["distance"].get(site, math.nan), ".4f"),
-                _num(drop["drop"].get(site, math.nan), "+.3f"),
+                _num(distance.get(site, math.nan), ".4f"),
+                _num(reference - main_by_site.get(site, math.nan), "+.3f"),
             )
         )
     return _Table(header, tuple(table))

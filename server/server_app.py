@@ -89,7 +89,7 @@ def main(grid: Grid, context: Context) -> None:
     evaluator = GlobalEvaluator(
         config, make_model(len(classes), config.train.unet_channels, norm=config.train.norm), outputs.add
     )
-    shift.attach(strategy, site_metrics, outputs.add, resumed=resume is not None)
+    shift.attach(strategy, site_metrics, outputs.add, resumed=resume is not None, run_dir=outputs.run_dir)
 
     # Keys: this run's own (configured, or run-local in its folder); a resume reads the
     # source run's with the source run's keys (see server/checkpointing.py).

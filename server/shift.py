@@ -12,6 +12,8 @@ hospital's distance to the training hospitals (split ``shift``, round 0).
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -79,13 +81,24 @@ class ShiftCoordinator:
     def evaluate_sites(self) -> list[int]:
         return [r.site for r in self.roles if r.role == TRAIN]
 
-    def attach(self, strategy: Strategy, site_metrics: SiteMetrics, sink: Any, *, resumed: bool) -> None:
+    def attach(
+        self, strategy: Strategy, site_metrics: SiteMetrics, sink: Any, *, resumed: bool, run_dir: Path | None = None
+    ) -> None:
         self._strategy, self._site_metrics, self._sink, self._resumed = strategy, site_metrics, sink, resumed
+        self._run_dir = run_dir
 
     # ------------------------------------------------------------------ summaries
 
     def on_roll_call(self, replies: dict[int, MetricRecord]) -> None:
-        """Turn the hospitals' summaries into the standard scale and the shift measure."""
+        """Turn the hospitals' summaries into the standard scale and the shift measure.
+
+        Every roll-call reply is also written, as received, to ``summaries.json``: the audit
+        trail of what left each hospital before round 1 (its id and, when asked, P landmarks
+        and a B-bin histogram: numbers, never an image).
+        """
+        if self._run_dir is not None:
+            received = {str(site): {k: record[k] for k in record} for site, record in sorted(replies.items())}
+            (self._run_dir / "summaries.json").write_text(json.dumps(received, indent=1) + "\n")
         if self.config.mitigation.standardize == "histogram":
             from scenarios.mitigations import standard_scale
 

@@ -19,6 +19,7 @@ hospitals to ask to train) and every hospital (what data it has, whether it may 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -63,7 +64,8 @@ class SiteRole:
 
 
 def site_roles(config: FedscanConfig, num_nodes: int) -> tuple[SiteRole, ...]:
-    """Every hospital's role, in hospital order; see the module docstring.
+    """Every hospital's role, in hospital order; see the module docstring. Cached per process
+    (every message a hospital answers asks), like :func:`sims.hospitals.make_federation`.
 
     Raises
     ------
@@ -71,6 +73,11 @@ def site_roles(config: FedscanConfig, num_nodes: int) -> tuple[SiteRole, ...]:
         When the shift settings leave no hospital to train, or name a hospital that does
         not exist or does not train (one sentence naming the key, the value and the limit).
     """
+    return _site_roles(config, int(num_nodes))
+
+
+@functools.lru_cache(maxsize=16)
+def _site_roles(config: FedscanConfig, num_nodes: int) -> tuple[SiteRole, ...]:
     from sims.scanners import scanner_archetype  # torch and MONAI: not before a shift is configured
 
     shift, world = config.shift, config.world
@@ -125,9 +132,10 @@ def unseen_sites(roles: tuple[SiteRole, ...]) -> list[int]:
     return [r.site for r in roles if r.role == UNSEEN]
 
 
+@functools.lru_cache(maxsize=16)
 def federation_specs(config: FedscanConfig, num_nodes: int) -> tuple[HospitalSpec, ...]:
     """Every hospital's spec: :func:`sims.hospitals.make_federation`, with each unseen
-    hospital's scanner drawn at its own severity."""
+    hospital's scanner drawn at its own severity. Cached per process."""
     from sims.hospitals import make_federation
     from sims.scanners import make_scanner_profile
 

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from matplotlib import colormaps
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
@@ -37,12 +38,12 @@ from scenarios.domain_shift_tables import (
     applies,
     class_names,
     fairness,
-    gap_table,
     late_join,
     local_matrix,
     over_seeds,
     read_config,
     run_info,
+    severity_gaps,
     shift_drop,
     site_values,
     sweep_rows,
@@ -134,10 +135,11 @@ def run_blocks(rows: pd.DataFrame, info: RunInfo) -> list[_Block]:
     if info.roles_source != CONFIG_JSON:
         intro += f" The roles are {info.roles_source}: archetypes and severities are unknown."
     blocks: list[_Block] = [_Heading(2, HEADING), _Paragraph(intro)]
-    fair = fairness(rows)
+    fair = fairness(rows, by_severity=True)
     if fair.empty:
         return [*blocks, _Paragraph("No hospital's test or unseen Dice was recorded yet.")]
     blocks += _fairness_tables(fair)
+    blocks += _adabn_gain(severity_gaps(rows))
     if fair["derived"].any():
         blocks.append(_Paragraph(
             "Strategy local trains no shared model: an unseen hospital's Dice is the mean over the local "
@@ -173,28 +175,57 @@ def run_blocks(rows: pd.DataFrame, info: RunInfo) -> list[_Block]:
 
 
 def _fairness_tables(fair: pd.DataFrame) -> list[_Block]:
-    """Per view: mean, worst hospital, spread and gap; then per class the mean and the worst hospital."""
+    """Per view (the unseen ones per severity when there are several): mean, worst hospital, spread
+    and gap; then per class the mean and the worst hospital."""
     train = fair.loc[fair["view"] == "test", "dice_mean"]
     reference = float(train.iloc[0]) if len(train) else math.nan
+    several = _several_severities(fair)
     header = ("hospitals", "n", "mean Dice", "worst (hospital)", "spread", "gap to training")
     rows = []
     for row in fair.to_dict("records"):
         gap = "–" if row["view"] in ("test", "finetuned") else _num(reference - row["dice_mean"])
-        rows.append((_view(row), str(row["n_hospitals"]), _num(row["dice_mean"]),
+        rows.append((_view(row, several), str(row["n_hospitals"]), _num(row["dice_mean"]),
                      _worst(row["dice_worst"], row["worst_hospital"]), _num(row["dice_spread"]), gap))  # fmt: skip
     blocks: list[_Block] = [_Table(header, tuple(rows))]
     classes = [c.removesuffix("_worst") for c in fair.columns if c.endswith("_worst") and c != "dice_worst"]
     with_classes = [r for r in fair.to_dict("records") if any(not math.isnan(r[f"{c}_mean"]) for c in classes)]
     if classes and with_classes:
         blocks.append(_Paragraph("Per class: the mean over hospitals / the worst hospital's Dice."))
-        per_class = [(_view(r), *(f"{_num(r[f'{c}_mean'])} / {_num(r[f'{c}_worst'])}" for c in classes))
+        per_class = [(_view(r, several), *(f"{_num(r[f'{c}_mean'])} / {_num(r[f'{c}_worst'])}" for c in classes))
                      for r in with_classes]  # fmt: skip
         blocks.append(_Table(("hospitals", *(c.replace("_", " ") for c in classes)), tuple(per_class)))
     return blocks
 
 
-def _view(row: Mapping[str, Any]) -> str:
-    return VIEWS[row["view"]] + (" (mean over local models)" if row["derived"] else "")
+def _adabn_gain(gaps: pd.DataFrame) -> list[_Block]:
+    """One sentence with the AdaBN gain per severity, when the run has ``unseen-tta`` rows."""
+    gaps = gaps[gaps["tta_gain"].notna()]
+    if gaps.empty:
+        return []
+    several = len(gaps) > 1
+    parts = [(f"severity {_severity(r['severity'])} " if several else "") + _num(r["tta_gain"], "+.3f")
+             for r in gaps.to_dict("records")]  # fmt: skip
+    return [_Paragraph(
+        "**AdaBN gain** (each unseen hospital's Dice after AdaBN minus before, mean over the hospitals): "
+        + ", ".join(parts) + "."
+    )]  # fmt: skip
+
+
+def _several_severities(fair: pd.DataFrame) -> bool:
+    """Whether the unseen hospitals come at more than one severity (then their rows are split)."""
+    unseen = fair[fair["view"].isin(("unseen", "unseen-tta"))]
+    return bool(unseen.groupby(["trial", "view"], sort=False).size().gt(1).any())
+
+
+def _view(row: Mapping[str, Any], several: bool = False) -> str:
+    label = VIEWS[row["view"]]
+    if several and row["view"] in ("unseen", "unseen-tta"):
+        label += f", severity {_severity(row['severity'])}"
+    return label + (" (mean over local models)" if row["derived"] else "")
+
+
+def _severity(value: Any) -> str:
+    return "unknown" if value is None or math.isnan(float(value)) else format(float(value), "g")
 
 
 def _site_table(rows: pd.DataFrame, info: RunInfo) -> _Table:
@@ -294,17 +325,26 @@ def sweep_section(
     blocks: list[_Block] = [_Heading(2, HEADING)]
     if rows.empty:
         return [*blocks, _Paragraph("No domain-shift trial has completed yet.")]
-    fair = fairness(rows)
-    gaps = gap_table(fair)
+    fair = fairness(rows, by_severity=True)
+    gaps = severity_gaps(rows)
+    several = _several_severities(fair)
     blocks.append(
         _Paragraph(
             "One row per setting (strategy, normalisation, mitigation and shift settings; the other swept "
             "values when they tell settings apart): mean ± sample standard deviation over completed seeds (– "
-            f"with one seed) of the final round's figures. {_MEANS} **Gap**: training minus unseen mean. Every "
-            f"row of every trial is in `{DOMAIN_SHIFT_CSV}` (with a `trial` column)."
+            f"with one seed) of the final round's figures. {_MEANS} "
+            + ("The unseen hospitals come at several scanner severities (**sev**), each its own group. "
+               if several else "")
+            + "**Gap**: training minus unseen mean; **worst**: the lowest unseen hospital's Dice, with the "
+            "hospital most often lowest (in how many seeds). "
+            + ("**AdaBN**: the same hospitals after test-time adaptation (split `unseen-tta`); **gain**: after "
+               "minus before, per trial, then over seeds. " if gaps["tta_dice"].notna().any() else "")
+            + ("**Fine-tuned**: the training hospitals after local fine-tuning (split `finetuned`). "
+               if gaps["finetuned_dice"].notna().any() else "")
+            + f"Every row of every trial is in `{DOMAIN_SHIFT_CSV}` (with a `trial` column)."
         )
-    )
-    blocks.append(_setting_table(gaps))
+    )  # fmt: skip
+    blocks += _setting_tables(gaps)
     if fair["derived"].any():
         blocks.append(_Paragraph(
             "Strategy local has no shared model: its unseen Dice is the mean over the local models of their "
@@ -327,10 +367,11 @@ def sweep_section(
         blocks.append(
             _Figure(
                 SWEEP_BARS_PNG,
-                _bars_figure(_by_strategy(over_seeds(gaps, ("train_dice", "unseen_dice"), by=("strategy", "setting")))),
+                _bars_figure(gaps),
                 "training and unseen Dice per setting",
-                "Mean final Dice of the training and the unseen hospitals per setting, grouped by strategy; "
-                "error bars: sample standard deviation over seeds.",
+                "Mean final Dice of the training and the unseen hospitals"
+                + (" (one bar per scanner severity)" if several else "")
+                + " per setting, grouped by strategy; error bars: sample standard deviation over seeds.",
             )
         )
     blocks += _sweep_late_blocks(rows, infos)
@@ -351,37 +392,105 @@ def sweep_section(
     return blocks
 
 
-def _setting_table(gaps: pd.DataFrame) -> _Table:
-    stats = over_seeds(gaps, ("train_dice", "unseen_dice", "gap", "unseen_worst", "unseen_spread"),
-                       by=("setting", "strategy", "mitigation"))  # fmt: skip
-    header = ("setting", "strategy", "mitigation", "seeds", "training Dice", "unseen Dice", "gap",
-              "worst unseen Dice", "worst unseen hospital", "unseen spread")  # fmt: skip
-    rows = []
-    for row in stats.to_dict("records"):
-        ids = gaps.loc[gaps["setting"] == row["setting"], "unseen_worst_hospital"]
-        rows.append(
-            (
-                row["setting"], row["strategy"], row["mitigation"], str(row["n_seeds"]),
-                *(_mean_std(row, name) for name in ("train_dice", "unseen_dice", "gap", "unseen_worst")),
-                _most_often(ids), _mean_std(row, "unseen_spread"),
-            )
-        )  # fmt: skip
-    return _Table(header, tuple(rows))
+_MAX_WIDTH = 130
+"""Characters: a setting table wider than this (its widest cell per column, the longest header
+word, and 3 for the cell's padding and border) is split in two rather than scrolled or shrunk;
+the sweep page's tables get about 1300 px, some 8.5 px per character."""
+
+
+def _setting_tables(gaps: pd.DataFrame) -> list[_Table]:
+    """Per setting: training Dice, per unseen severity the Dice, gap and worst hospital, then AdaBN
+    and fine-tuning when the data has them; one table, or two (training and gaps / worst, AdaBN and
+    fine-tuning) when one would be wider than :data:`_MAX_WIDTH`. The setting label names the
+    strategy and the mitigation, so they get no columns of their own."""
+    keys = ("setting", "strategy", "mitigation")
+    overall = over_seeds(gaps.drop_duplicates("trial"), ("train_dice", "finetuned_dice"), by=keys)
+    per_severity = over_seeds(gaps, ("unseen_dice", "gap", "unseen_worst", "tta_dice", "tta_gain"),
+                              by=("setting", "severity"))  # fmt: skip
+    severities = _severities(gaps)
+    several = len(severities) > 1
+    tta, finetuned = gaps["tta_dice"].notna().any(), gaps["finetuned_dice"].notna().any()
+
+    def tag(severity: float, before: str, after: str = "") -> str:
+        return f"{before} sev {_severity(severity)}{after}" if several else f"{before}{after}"
+
+    main_header = ["setting", "seeds", "training Dice"]
+    more_header = ["setting"]
+    for severity in severities:
+        main_header += [tag(severity, "unseen", " Dice"), tag(severity, "gap")]
+        more_header.append(tag(severity, "worst") if several else "worst unseen")
+    if tta:
+        for severity in severities:
+            more_header += [tag(severity, "AdaBN", " Dice"), tag(severity, "AdaBN gain")]
+    if finetuned:
+        more_header.append("fine-tuned training Dice")
+    main_rows, more_rows = [], []
+    for row in overall.to_dict("records"):
+        setting = row["setting"]
+        main = [setting, str(row["n_seeds"]), _mean_std(row, "train_dice")]
+        more = [setting]
+        for severity in severities:
+            stats = _lookup(per_severity, setting, severity)
+            main += [_mean_std(stats, "unseen_dice"), _mean_std(stats, "gap")]
+            chosen = gaps[(gaps["setting"] == setting) & _same(gaps["severity"], severity)]
+            worst = _mean_std(stats, "unseen_worst")
+            more.append(worst if worst == "n/a" else f"{worst}, {_most_often(chosen['unseen_worst_hospital'])}")
+        if tta:
+            for severity in severities:
+                stats = _lookup(per_severity, setting, severity)
+                more += [_mean_std(stats, "tta_dice"), _mean_std(stats, "tta_gain", "+.3f")]
+        if finetuned:
+            more.append(_mean_std(row, "finetuned_dice"))
+        main_rows.append(tuple(main))
+        more_rows.append(tuple(more))
+    joined = _Table((*main_header, *more_header[1:]),
+                    tuple(m + o[1:] for m, o in zip(main_rows, more_rows, strict=True)))  # fmt: skip
+    if _width(joined) <= _MAX_WIDTH:
+        return [joined]
+    return [_Table(tuple(main_header), tuple(main_rows)), _Table(tuple(more_header), tuple(more_rows))]
+
+
+def _width(table: _Table) -> int:
+    """The table's width in characters as a browser lays it out (header words may wrap, cells not)."""
+    columns = zip(table.header, *table.rows, strict=True)
+    return sum(3 + max(max(len(w) for w in head.split()), *(len(c) for c in cells)) for head, *cells in columns)
+
+
+def _severities(gaps: pd.DataFrame) -> list[float]:
+    """The unseen hospitals' severities in increasing order, unknown (NaN) last; ``[nan]`` if none."""
+    known = gaps.loc[gaps["n_unseen"] > 0, "severity"].astype(float)
+    found = [float(s) for s in sorted(known.dropna().unique())]
+    return found + [math.nan] if known.isna().any() or not found else found
+
+
+def _same(column: pd.Series, severity: float) -> pd.Series:
+    return column.isna() if math.isnan(severity) else column == severity
+
+
+def _lookup(stats: pd.DataFrame, setting: str, severity: float) -> dict[str, Any]:
+    """The ``over_seeds`` row of a setting and severity; NaN values when it has none."""
+    chosen = stats[(stats["setting"] == setting) & _same(stats["severity"], severity)]
+    if chosen.empty:
+        return {c: math.nan for c in stats.columns if c.endswith(("_mean", "_std"))}
+    return dict(chosen.iloc[0])
 
 
 def _sweep_fairness_table(fair: pd.DataFrame) -> _Table:
     classes = class_names(pd.DataFrame({"metric": [f"dice_{c.removesuffix('_worst')}" for c in fair.columns
                                                    if c.endswith("_worst") and c != "dice_worst"]}))  # fmt: skip
     values = ("dice_mean", "dice_worst", "dice_spread", *(f"{c}_worst" for c in classes))
-    stats = over_seeds(fair, values, by=("setting", "view"))
+    stats = over_seeds(fair, values, by=("setting", "view", "severity"))
+    several = _several_severities(fair)
     header = ("setting", "hospitals", "seeds", "mean Dice", "worst Dice", "worst hospital", "spread",
               *(f"worst {c}" for c in classes))  # fmt: skip
     rows = []
     for row in stats.to_dict("records"):
-        chosen = fair[(fair["setting"] == row["setting"]) & (fair["view"] == row["view"])]
+        chosen = fair[(fair["setting"] == row["setting"]) & (fair["view"] == row["view"])
+                      & _same(fair["severity"], row["severity"])]  # fmt: skip
+        derived = {"derived": bool(chosen["derived"].any())}
         rows.append(
             (
-                row["setting"], VIEWS[row["view"]], str(row["n_seeds"]), _mean_std(row, "dice_mean"),
+                row["setting"], _view({**row, **derived}, several), str(row["n_seeds"]), _mean_std(row, "dice_mean"),
                 _mean_std(row, "dice_worst"), _most_often(chosen["worst_hospital"]), _mean_std(row, "dice_spread"),
                 *(_mean_std(row, f"{c}_worst") for c in classes),
             )
@@ -504,17 +613,36 @@ def _heatmap(matrix: pd.DataFrame, roles: Mapping[int, str], *, title: str) -> b
     return _png(figure)
 
 
-def _bars_figure(stats: pd.DataFrame) -> bytes:
-    n = len(stats)
-    figure = Figure(figsize=(max(6.0, 1.2 + 1.1 * n), 4.8), layout="constrained")
+def _bars_figure(gaps: pd.DataFrame) -> bytes:
+    """Per setting (grouped by strategy): a bar for the training hospitals and one per unseen
+    severity, mean over seeds with the sample standard deviation as error bar."""
+    overall = _by_strategy(over_seeds(gaps.drop_duplicates("trial"), ("train_dice",), by=("strategy", "setting")))
+    per_severity = over_seeds(gaps, ("unseen_dice",), by=("setting", "severity"))
+    severities = _severities(gaps)
+    several = len(severities) > 1
+    n, groups = len(overall), 1 + len(severities)
+    width = 0.8 / groups
+    figure = Figure(figsize=(max(6.0, 1.2 + (0.7 + 0.35 * groups) * n), 4.8), layout="constrained")
     ax = figure.subplots()
     x = np.arange(n)
-    for offset, name, label, colour in ((-0.2, "train_dice", "training hospitals", "C0"),
-                                        (0.2, "unseen_dice", "unseen hospitals", "C3")):  # fmt: skip
-        ax.bar(x + offset, stats[f"{name}_mean"].fillna(0.0), width=0.4, color=colour, label=label,
-               yerr=stats[f"{name}_std"].to_numpy(dtype=float), capsize=3)  # NaN (one seed): no bar  # fmt: skip
+    # Unseen bars in reds, darker for a more severe scanner.
+    reds: list[Any] = ["C3"] if not several else [
+        colormaps["Reds"](0.45 + 0.45 * i / (len(severities) - 1)) for i in range(len(severities))
+    ]  # fmt: skip
+    bars: list[tuple[str, Any, pd.Series, pd.Series]] = [
+        ("training hospitals", "C0", overall["train_dice_mean"], overall["train_dice_std"])
+    ]
+    for severity, colour in zip(severities, reds, strict=True):
+        stats = [_lookup(per_severity, setting, severity) for setting in overall["setting"]]
+        label = f"unseen, severity {_severity(severity)}" if several else "unseen hospitals"
+        bars.append((label, colour, pd.Series([s["unseen_dice_mean"] for s in stats]),
+                     pd.Series([s["unseen_dice_std"] for s in stats])))  # fmt: skip
+    for index, (label, colour, mean, std) in enumerate(bars):
+        offset = (index - (groups - 1) / 2) * width
+        ax.bar(x + offset, mean.fillna(0.0).to_numpy(dtype=float), width=width, color=colour, label=label,
+               yerr=std.to_numpy(dtype=float), capsize=3)  # NaN std (one seed): no error bar  # fmt: skip
     ax.set_xticks(x)
-    ax.set_xticklabels([str(s).replace(" · ", "\n") for s in stats["setting"]], fontsize=8)
+    ax.set_xticklabels([str(s).replace(" · ", "\n") for s in overall["setting"]], fontsize=8)
     ax.set_ylabel("final Dice (mean over hospitals)")
     ax.set_ylim(0.0, 1.0)
     ax.grid(True, axis="y", alpha=0.3)

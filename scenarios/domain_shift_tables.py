@@ -40,6 +40,7 @@ from sims.config import MitigationSpec, ShiftSpec
 __all__ = [
     "COLUMNS",
     "DOMAIN_SHIFT_CSV",
+    "SEVERITY_GAP_COLUMNS",
     "LateJoin",
     "Role",
     "RunInfo",
@@ -53,6 +54,7 @@ __all__ = [
     "over_seeds",
     "run_info",
     "setting_label",
+    "severity_gaps",
     "shift_drop",
     "site_values",
     "tidy_rows",
@@ -61,8 +63,8 @@ __all__ = [
 
 DOMAIN_SHIFT_CSV = "domain_shift.csv"
 COLUMNS = (
-    "setting", "strategy", "mitigation", "train_hospital", "test_hospital", "test_role",
-    "split", "round", "metric", "value", "seed",
+    "setting", "strategy", "mitigation", "train_hospital", "test_hospital", "test_role", "test_archetype",
+    "test_severity", "split", "round", "metric", "value", "seed",
 )  # fmt: skip
 SCENARIO = "domain_shift"
 CURVE_SPLITS = ("test", "unseen", "unseen-tta", "finetuned")
@@ -328,7 +330,9 @@ def tidy_rows(metrics: pd.DataFrame, info: RunInfo) -> pd.DataFrame:
     round (0) of ``shift``; hospital rows only. ``train_hospital`` names the model: ``"hospital-<i>"``
     for a local model (``test`` under strategy ``local``, and ``model-<i>``), ``"pooled"`` under
     strategy ``pooled``, else ``"federation"``. ``test_role`` is the test hospital's role (an id
-    without a role is ``"unseen"``). Sorted by split, round, hospital, metric as written.
+    without a role is ``"unseen"``); ``test_archetype`` and ``test_severity`` are its scanner's
+    archetype and severity (``"unknown"`` and NaN, an empty CSV cell, when the roles are derived from
+    the metrics). Sorted by split, round, hospital, metric as written.
     """
     frame = metrics[metrics["site"].astype(str).str.isdigit()]
     split = frame["split"].astype(str)
@@ -349,7 +353,7 @@ def tidy_rows(metrics: pd.DataFrame, info: RunInfo) -> pd.DataFrame:
         else f"hospital-{site}" if local and s == "test" else default
         for s, site in zip(splits, sites, strict=True)
     ]  # fmt: skip
-    roles = {r.site: r.test_role for r in info.roles}
+    roles = {r.site: r for r in info.roles}
     rows = pd.DataFrame(
         {
             "setting": info.setting,
@@ -357,7 +361,11 @@ def tidy_rows(metrics: pd.DataFrame, info: RunInfo) -> pd.DataFrame:
             "mitigation": info.mitigation,
             "train_hospital": pd.Series(owners, index=frame.index, dtype=object),
             "test_hospital": sites.astype("int64"),
-            "test_role": [roles.get(s, "unseen") for s in sites],
+            "test_role": [roles[s].test_role if s in roles else "unseen" for s in sites],
+            "test_archetype": pd.Series([roles[s].archetype if s in roles else "unknown" for s in sites],
+                                        index=frame.index, dtype=object),
+            "test_severity": pd.Series([roles[s].severity if s in roles else math.nan for s in sites],
+                                       index=frame.index, dtype="float64"),
             "split": splits,
             "round": frame["round"].astype("int64"),
             "metric": frame["metric"].astype(str),
@@ -497,8 +505,8 @@ _ID = ["trial", "setting", "strategy", "mitigation", "seed"]
 def site_values(rows: pd.DataFrame) -> pd.DataFrame:
     """Each hospital's final-round values per evaluation view.
 
-    Columns ``trial, setting, strategy, mitigation, seed, view, test_hospital, test_role, metric,
-    value``; ``view`` is a split of :data:`VIEWS`, taken at its last round in the trial. Under
+    Columns ``trial, setting, strategy, mitigation, seed, view, test_hospital, test_role,
+    test_archetype, test_severity, metric, value, derived``; ``view`` is a split of :data:`VIEWS`, taken at its last round in the trial. Under
     strategy ``local`` there is no ``unseen`` split: an unseen hospital's ``unseen`` value is then
     the mean over the local models of their values at it (``model-<i>`` rows; what it gets from a
     hospital's model picked at random), marked ``derived`` = True.
@@ -517,10 +525,11 @@ def site_values(rows: pd.DataFrame) -> pd.DataFrame:
         if (trial["strategy"] == "local").all() and not (trial["split"] == "unseen").any():
             models = trial[trial["split"].str.startswith(MODEL_PREFIX) & (trial["test_role"] == "unseen")]
             if len(models):
-                keys = [*_ID, "test_hospital", "test_role", "metric"]
+                keys = [*_ID, "test_hospital", "test_role", "test_archetype", "test_severity", "metric"]
                 mean = models.groupby(keys, sort=False, dropna=False)["value"].mean().reset_index()
                 out.append(mean.assign(view="unseen", derived=True))
-    columns = [*_ID, "view", "test_hospital", "test_role", "metric", "value", "derived"]
+    columns = [*_ID, "view", "test_hospital", "test_role", "test_archetype", "test_severity", "metric", "value",
+               "derived"]  # fmt: skip
     if not out:
         return pd.DataFrame(columns=columns)
     return pd.concat(out, ignore_index=True)[columns]
@@ -532,37 +541,58 @@ def class_names(rows: pd.DataFrame) -> list[str]:
     return [m.removeprefix("dice_") for m in metrics if m.startswith("dice_") and m != DICE]
 
 
-def fairness(rows: pd.DataFrame) -> pd.DataFrame:
+def fairness(rows: pd.DataFrame, *, by_severity: bool = False) -> pd.DataFrame:
     """Fairness statistics of each trial and view at the final round.
 
     One row per ``(trial, view)`` (views in :data:`VIEWS` order) with ``trial, setting, strategy,
-    mitigation, seed, view, derived, n_hospitals``; ``dice_mean`` (mean over hospitals of
+    mitigation, seed, view, severity, derived, n_hospitals``; ``dice_mean`` (mean over hospitals of
     ``dice_mean``, each hospital counting once), ``dice_worst`` (the minimum), ``worst_hospital``
     (its id; the lowest id on a tie), ``dice_best``, ``dice_spread`` (max - min); and per class
     ``<class>_mean`` and ``<class>_worst`` (mean and minimum over hospitals of ``dice_<class>``).
+    ``severity`` is the scanner severity the row's hospitals share (NaN when they differ or it is
+    unknown). With ``by_severity`` the unseen views (``unseen``, ``unseen-tta``) get one row per
+    severity of their hospitals, in increasing order (unknown last).
     """
     values = site_values(rows)
     classes = class_names(values)
     records = []
     for (_, view), group in values.groupby(["trial", "view"], sort=False):
-        dice = group[group["metric"] == DICE].sort_values("test_hospital", kind="stable")
-        first = group.iloc[0]
-        record: dict[str, Any] = {
-            **{k: first[k] for k in _ID},
-            "view": view,
-            "derived": bool(group["derived"].any()),
-            "n_hospitals": int(dice["test_hospital"].nunique()),
-        }
-        record.update(_spread(dice))
-        for name in classes:
-            per_class = group.loc[group["metric"] == f"dice_{name}", "value"].to_numpy(dtype=float)
-            record[f"{name}_mean"] = float(np.mean(per_class)) if per_class.size else math.nan
-            record[f"{name}_worst"] = float(np.min(per_class)) if per_class.size else math.nan
-        records.append(record)
-    head = [*_ID, "view", "derived", "n_hospitals", "dice_mean", "dice_worst", "worst_hospital", "dice_best",
-            "dice_spread"]  # fmt: skip
+        split = by_severity and view in ("unseen", "unseen-tta")
+        for severity, members in _by_severity(group) if split else [(_shared(group["test_severity"]), group)]:
+            dice = members[members["metric"] == DICE].sort_values("test_hospital", kind="stable")
+            first = members.iloc[0]
+            record: dict[str, Any] = {
+                **{k: first[k] for k in _ID},
+                "view": view,
+                "severity": severity,
+                "derived": bool(members["derived"].any()),
+                "n_hospitals": int(dice["test_hospital"].nunique()),
+            }
+            record.update(_spread(dice))
+            for name in classes:
+                per_class = members.loc[members["metric"] == f"dice_{name}", "value"].to_numpy(dtype=float)
+                record[f"{name}_mean"] = float(np.mean(per_class)) if per_class.size else math.nan
+                record[f"{name}_worst"] = float(np.min(per_class)) if per_class.size else math.nan
+            records.append(record)
+    head = [*_ID, "view", "severity", "derived", "n_hospitals", "dice_mean", "dice_worst", "worst_hospital",
+            "dice_best", "dice_spread"]  # fmt: skip
     columns = head + [f"{c}_{s}" for c in classes for s in ("mean", "worst")]
     return pd.DataFrame(records, columns=columns)  # site_values keeps trials and views in order
+
+
+def _by_severity(values: pd.DataFrame) -> list[tuple[float, pd.DataFrame]]:
+    """``values`` split by ``test_severity``: increasing severities, then the unknown (NaN) ones."""
+    severity = values["test_severity"].astype(float)
+    parts = [(float(s), values[severity == s]) for s in sorted(severity.dropna().unique())]
+    if severity.isna().any():
+        parts.append((math.nan, values[severity.isna()]))
+    return parts
+
+
+def _shared(severities: pd.Series) -> float:
+    """The one severity of ``severities``; NaN when they differ or one is unknown."""
+    known = severities.astype(float)
+    return float(known.iloc[0]) if len(known) and known.notna().all() and known.nunique() == 1 else math.nan
 
 
 def _spread(dice: pd.DataFrame) -> dict[str, Any]:
@@ -603,6 +633,62 @@ def gap_table(fair: pd.DataFrame) -> pd.DataFrame:
     columns = [*_ID, "train_dice", "unseen_dice", "gap", "train_worst", "train_worst_hospital", "train_spread",
                "unseen_worst", "unseen_worst_hospital", "unseen_spread"]  # fmt: skip
     return pd.DataFrame(records, columns=columns)
+
+
+SEVERITY_GAP_COLUMNS = (
+    *_ID, "severity", "n_unseen", "train_dice", "finetuned_dice", "unseen_dice", "gap", "unseen_worst",
+    "unseen_worst_hospital", "unseen_spread", "tta_dice", "tta_worst", "tta_worst_hospital", "tta_gain",
+)  # fmt: skip
+
+
+def severity_gaps(rows: pd.DataFrame) -> pd.DataFrame:
+    """Per trial and severity of the unseen hospitals, their final ``dice_mean`` against training.
+
+    One row per ``(trial, severity)`` (severities increasing, unknown last; one row with severity
+    NaN for a trial without unseen hospitals), columns :data:`SEVERITY_GAP_COLUMNS`:
+    ``n_unseen`` (unseen hospitals at that severity); ``train_dice`` and ``finetuned_dice``, the
+    training hospitals' mean (``test``, ``finetuned``; the same on every row of a trial);
+    ``unseen_dice`` (mean over that severity's unseen hospitals), ``gap`` = ``train_dice -
+    unseen_dice``, ``unseen_worst`` and ``unseen_worst_hospital`` (lowest hospital, lowest id on a
+    tie), ``unseen_spread``; the same hospitals after AdaBN (split ``unseen-tta``): ``tta_dice``,
+    ``tta_worst``, ``tta_worst_hospital`` and ``tta_gain``, the mean over the hospitals that have both
+    numbers of ``unseen-tta`` minus ``unseen``. NaN / None where a split is missing.
+    """
+    values = site_values(rows)
+    dice = values[values["metric"] == DICE]
+    records = []
+    for _, group in dice.groupby("trial", sort=False):
+        first = group.iloc[0]
+        base: dict[str, Any] = {k: first[k] for k in _ID}
+        base["train_dice"] = _mean(group.loc[group["view"] == "test", "value"])
+        base["finetuned_dice"] = _mean(group.loc[group["view"] == "finetuned", "value"])
+        unseen = group[group["view"].isin(("unseen", "unseen-tta")) & (group["test_role"] == "unseen")]
+        for severity, members in _by_severity(unseen) or [(math.nan, unseen)]:
+            plain = members[members["view"] == "unseen"].sort_values("test_hospital", kind="stable")
+            adapted = members[members["view"] == "unseen-tta"].sort_values("test_hospital", kind="stable")
+            before = plain.groupby("test_hospital")["value"].mean()
+            after = adapted.groupby("test_hospital")["value"].mean()
+            both = before.index.intersection(after.index)
+            spread, tta = _spread(plain), _spread(adapted)
+            records.append({
+                **base,
+                "severity": severity,
+                "n_unseen": int(plain["test_hospital"].nunique()),
+                "unseen_dice": spread["dice_mean"],
+                "gap": base["train_dice"] - spread["dice_mean"],
+                "unseen_worst": spread["dice_worst"],
+                "unseen_worst_hospital": spread["worst_hospital"],
+                "unseen_spread": spread["dice_spread"],
+                "tta_dice": tta["dice_mean"],
+                "tta_worst": tta["dice_worst"],
+                "tta_worst_hospital": tta["worst_hospital"],
+                "tta_gain": _mean(after[both] - before[both]),
+            })  # fmt: skip
+    return pd.DataFrame(records, columns=list(SEVERITY_GAP_COLUMNS))
+
+
+def _mean(values: pd.Series) -> float:
+    return float(values.mean()) if len(values) else math.nan
 
 
 def over_seeds(per_trial: pd.DataFrame, values: Iterable[str], by: Iterable[str] = ("setting",)) -> pd.DataFrame:

@@ -1,5 +1,5 @@
-"""Domain-shift outputs: the tidy domain_shift.csv, fairness (mean, worst hospital, spread, per-class
-worst), the train-unseen gap, forgetting of a late joiner, the local models' site-by-site matrix,
+"""Domain-shift outputs: the tidy domain_shift.csv (with each test hospital's scanner), fairness (mean, worst hospital, spread, per-class
+worst), the train-unseen gap per unseen severity with AdaBN and fine-tuning, forgetting of a late joiner, the local models' site-by-site matrix,
 seeds aggregated with the sample std, and the sections the run and sweep reports add only when a
 run is a domain-shift run. Run folders are written by the server's own writers (RunOutputs)."""
 
@@ -27,6 +27,7 @@ from scenarios.domain_shift_tables import (
     local_matrix,
     over_seeds,
     setting_label,
+    severity_gaps,
     shift_drop,
     sweep_rows,
     write_domain_shift,
@@ -42,16 +43,19 @@ UNSEEN = {3: 0.60, 4: 0.50}
 # Final-round per-class Dice (csf, grey_matter, white_matter).
 PER_CLASS = {
     0: (0.70, 0.85, 0.85), 1: (0.50, 0.90, 0.70), 2: (0.65, 0.80, 0.80),
-    3: (0.40, 0.70, 0.70), 4: (0.30, 0.60, 0.60),
+    3: (0.40, 0.70, 0.70), 4: (0.30, 0.60, 0.60), 5: (0.20, 0.50, 0.50), 6: (0.10, 0.40, 0.40),
 }  # fmt: skip
-DISTANCE = {0: 0.01, 1: 0.02, 2: 0.03, 3: 0.10, 4: 0.20}
+DISTANCE = {0: 0.01, 1: 0.02, 2: 0.03, 3: 0.10, 4: 0.20, 5: 0.30, 6: 0.40}
 ROUNDS = 3
 
 
-def role(site: int, kind: str = "train", join_round: int | None = None, noise: float = 0.0) -> dict[str, Any]:
+def role(site: int, kind: str = "train", join_round: int | None = None, noise: float = 0.0,
+         severity: float = 1.0) -> dict[str, Any]:  # fmt: skip
+    """A config.json role; unseen hospitals at the world's severity (1) unless told, as site_roles
+    gives them without shift.unseen-severities."""
     return {
         "site": site, "role": kind, "archetype": ["noisy", "blurry", "bias_contrast", "ringing_spikes"][site % 4],
-        "severity": 1.0 if kind == "train" else 2.0,
+        "severity": 1.0 if kind == "train" else severity,
         "join_round": (1 if kind == "train" else 0) if join_round is None else join_round,
         "label_noise_rate": noise,
     }  # fmt: skip
@@ -125,9 +129,10 @@ def test_csv_has_the_columns_and_one_row_per_hospital_split_round_metric(tmp_pat
     assert all(r["test_hospital"].isdigit() for r in rows)  # no global rows
     first = rows[0]
     assert (first["setting"], first["strategy"], first["mitigation"], first["seed"]) == ("fedavg", "fedavg", "none", "3")
-    assert {(r["test_hospital"], r["test_role"]) for r in rows} == {
-        ("0", "train"), ("1", "train"), ("2", "train"), ("3", "unseen"), ("4", "unseen")
-    }
+    assert {(r["test_hospital"], r["test_role"], r["test_archetype"], r["test_severity"]) for r in rows} == {
+        ("0", "train", "noisy", "1.0"), ("1", "train", "blurry", "1.0"), ("2", "train", "bias_contrast", "1.0"),
+        ("3", "unseen", "ringing_spikes", "1.0"), ("4", "unseen", "noisy", "1.0"),
+    }  # fmt: skip
     assert {r["train_hospital"] for r in rows} == {"federation"}
     final = [r for r in rows if r["split"] == "unseen" and r["round"] == "3" and r["metric"] == "dice_mean"]
     assert {r["test_hospital"]: float(r["value"]) for r in final} == {"3": 0.60, "4": 0.50}
@@ -269,6 +274,11 @@ def test_roles_missing_from_config_are_derived_from_the_metrics(tmp_path: Path) 
     assert info.roles_source == "derived from metrics.csv"
     assert [(r.site, r.test_role) for r in info.roles] == [(0, "train"), (1, "train"), (2, "train"),
                                                            (3, "unseen"), (4, "unseen")]  # fmt: skip
+    rows = domain_shift_rows(run)  # the scanner is unknown: an empty severity cell, one severity group
+    assert set(rows["test_archetype"]) == {"unknown"} and rows["test_severity"].isna().all()
+    gaps = severity_gaps(rows)
+    assert len(gaps) == 1 and math.isnan(gaps["severity"].iloc[0])
+    assert gaps["gap"].iloc[0] == pytest.approx(0.75 - 0.55)
 
 
 # ----------------------------------------------------------------------------------- run report
@@ -284,7 +294,7 @@ def test_run_report_adds_the_section_and_writes_the_csv(tmp_path: Path) -> None:
     assert "| training hospitals | 3 | 0.750 | 0.700 (h1) | 0.100 | – |" in section
     assert "| unseen hospitals | 2 | 0.550 | 0.500 (h4) | 0.100 | 0.200 |" in section
     assert "| training hospitals | 0.617 / 0.500 | 0.850 / 0.800 | 0.783 / 0.700 |" in section  # per class
-    assert "| h4 | unseen | noisy | 2 | never | 0.500 | 0.2000 | +0.250 |" in section
+    assert "| h4 | unseen | noisy | 1 | never | 0.500 | 0.2000 | +0.250 |" in section
     assert (run / DROP_PNG).stat().st_size > 1000
     assert len(read_csv(run / DOMAIN_SHIFT_CSV)) == 65
     assert "Domain shift</h2>" in html_path.read_text()
@@ -376,9 +386,11 @@ def test_sweep_report_adds_the_section_and_the_csv(tmp_path: Path) -> None:
 
     markdown = md_path.read_text()
     section = markdown[markdown.index("## Domain shift"):markdown.index("## Trials")]
-    assert ("| fedavg | fedavg | none | 3 | 0.750 ± 0.050 | 0.500 ± 0.050 | 0.250 ± 0.050 | 0.450 ± 0.050 | "
-            "h4 (2/3) | 0.100 ± 0.000 |") in section  # fmt: skip
-    assert "| fedprox | fedprox | none | 1 | 0.800 ± – | 0.700 ± – | 0.100 ± – |" in section
+    # One severity: one group of unseen columns, in one table.
+    assert "| setting | seeds | training Dice | unseen Dice | gap | worst unseen |" in section
+    assert "| fedavg | 3 | 0.750 ± 0.050 | 0.500 ± 0.050 | 0.250 ± 0.050 | 0.450 ± 0.050, h4 (2/3) |" in section
+    assert "| fedprox | 1 | 0.800 ± – | 0.700 ± – | 0.100 ± – | 0.700 ± –, h3 (1/1) |" in section
+    assert "sev 2" not in section and "AdaBN" not in section and "fine-tuned" not in section
     assert "### Fairness" in section
     table = read_csv(folder / DOMAIN_SHIFT_CSV)
     assert list(table[0]) == ["trial", *COLUMNS] and len(table) == 4 * 45
@@ -440,3 +452,82 @@ def test_sweep_late_joiner_forgetting_is_averaged_over_seeds(tmp_path: Path) -> 
     assert "hospital 2 joins in round 3; forgetting" in markdown
     assert "+0.050 ± 0.014 over 2 seeds" in markdown
     assert (folder / "sweep_domain_shift_late_join.png").stat().st_size > 1000
+
+
+# ------------------------------------------------------------------ unseen severities, AdaBN, fine-tuning
+
+SEVERITY = {3: 2.0, 4: 2.0, 5: 3.0, 6: 3.0}
+TWO_SEVERITIES = {**FEDAVG, "shift.unseen-hospitals": 4, "shift.unseen-severities": "2,3"}
+
+
+def severity_metrics(unseen: dict[int, float], tta_gain: dict[int, float]) -> list[tuple[int, str, str, str, float]]:
+    """Training hospitals as TRAIN (0.75 on average), four unseen hospitals at severities 2 and 3, AdaBN
+    rows (unseen-tta) where ``tta_gain`` names the hospital, fine-tuned rows 0.01 above the training ones."""
+    rows = shift_metrics(TRAIN, unseen)
+    rows += [(ROUNDS, str(s), "unseen-tta", "dice_mean", unseen[s] + g) for s, g in tta_gain.items()]
+    rows += [(ROUNDS, str(s), "finetuned", "dice_mean", v + 0.01) for s, v in TRAIN.items()]
+    return rows
+
+
+def severity_roles() -> list[dict[str, Any]]:
+    return [role(0), role(1), role(2), *(role(s, "unseen", severity=v) for s, v in SEVERITY.items())]
+
+
+def test_unseen_hospitals_are_reported_per_severity_with_the_adabn_gain(tmp_path: Path) -> None:
+    # Severity 2: h3 0.60, h4 0.50; severity 3: h5 0.40, h6 0.30. AdaBN at h3 +0.02, h4 +0.04, h6 +0.09
+    # (none at h5: the gain pairs hospitals, 0.09 at severity 3, not 0.39 - 0.35).
+    metrics = severity_metrics({3: 0.60, 4: 0.50, 5: 0.40, 6: 0.30}, {3: 0.02, 4: 0.04, 6: 0.09})
+    run = write_run(tmp_path, metrics, roles=severity_roles(), run_config=TWO_SEVERITIES)
+
+    gaps = severity_gaps(domain_shift_rows(run)).set_index("severity")
+    markdown = build_report(run)[0].read_text()
+
+    assert list(gaps.index) == [2.0, 3.0] and list(gaps["n_unseen"]) == [2, 2]
+    assert gaps["train_dice"].tolist() == pytest.approx([0.75, 0.75])
+    assert gaps["finetuned_dice"].tolist() == pytest.approx([0.76, 0.76])
+    assert gaps["unseen_dice"].tolist() == pytest.approx([0.55, 0.35])
+    assert gaps["gap"].tolist() == pytest.approx([0.20, 0.40])
+    assert gaps["unseen_worst"].tolist() == pytest.approx([0.50, 0.30])
+    assert gaps["unseen_worst_hospital"].tolist() == [4, 6]
+    assert gaps["tta_dice"].tolist() == pytest.approx([0.58, 0.39])
+    assert gaps["tta_worst_hospital"].tolist() == [4, 6]
+    assert gaps["tta_gain"].tolist() == pytest.approx([0.03, 0.09])
+    section = markdown[markdown.index("## Domain shift"):]
+    assert "| unseen hospitals, severity 2 | 2 | 0.550 | 0.500 (h4) | 0.100 | 0.200 |" in section
+    assert "| unseen hospitals, severity 3 | 2 | 0.350 | 0.300 (h6) | 0.100 | 0.400 |" in section
+    assert "| unseen hospitals after AdaBN, severity 2 | 2 | 0.580 | 0.540 (h4) | 0.080 | 0.170 |" in section
+    assert "| unseen hospitals after AdaBN, severity 3 | 1 | 0.390 | 0.390 (h6) | 0.000 | 0.360 |" in section
+    assert "| training hospitals after fine-tuning | 3 | 0.760 | 0.710 (h1) | 0.100 | – |" in section
+    assert "| unseen hospitals |" not in section  # replaced by the rows per severity
+    assert "mean over the hospitals): severity 2 +0.030, severity 3 +0.090." in section
+
+
+def test_sweep_table_has_a_group_per_severity_with_adabn_and_fine_tuning(tmp_path: Path) -> None:
+    # Seed 1: every unseen hospital 0.10 lower than seed 0; AdaBN gains 0.05 (sev 2) and 0.06 (sev 3).
+    trials = []
+    for seed, unseen, gain in ((0, {3: 0.60, 4: 0.50, 5: 0.40, 6: 0.30}, {3: 0.02, 4: 0.04, 6: 0.09}),
+                               (1, {3: 0.50, 4: 0.40, 5: 0.30, 6: 0.20}, {3: 0.04, 4: 0.06, 5: 0.05, 6: 0.07})):
+        flat = {**TWO_SEVERITIES, "seed": seed}
+        record = {
+            "trial": f"s{seed}", "swept": {"strategy": "fedavg", "seed": seed}, "status": "completed",
+            "config": flat, "federation": {"num-supernodes": 7},
+            "run_config_json": {"config": config_from_run_config(flat).to_dict(), "seed": seed,
+                                "roles": severity_roles()},
+        }  # fmt: skip
+        trials.append((record, [[f"s{seed}", "fedavg", seed, *row] for row in severity_metrics(unseen, gain)]))
+    folder = write_sweep(tmp_path / "sweep", trials)
+
+    markdown = build_sweep_report(folder)[0].read_text()
+
+    section = markdown[markdown.index("## Domain shift"):markdown.index("### Fairness")]
+    # Too wide for one table: training and gaps, then worst, AdaBN and fine-tuning.
+    assert ("| setting | seeds | training Dice | unseen sev 2 Dice | gap sev 2 | unseen sev 3 Dice | gap sev 3 |\n"
+            "|---|---|---|---|---|---|---|\n"
+            "| fedavg · unseen sev 2/3 | 2 | 0.750 ± 0.000 | 0.500 ± 0.071 | 0.250 ± 0.071 | 0.300 ± 0.071 | "
+            "0.450 ± 0.071 |") in section  # fmt: skip
+    assert ("| setting | worst sev 2 | worst sev 3 | AdaBN sev 2 Dice | AdaBN gain sev 2 | AdaBN sev 3 Dice | "
+            "AdaBN gain sev 3 | fine-tuned training Dice |") in section  # fmt: skip
+    assert ("| fedavg · unseen sev 2/3 | 0.450 ± 0.071, h4 (2/2) | 0.250 ± 0.071, h6 (2/2) | 0.540 ± 0.057 | "
+            "+0.040 ± 0.014 | 0.350 ± 0.057 | +0.075 ± 0.021 | 0.760 ± 0.000 |") in section  # fmt: skip
+    assert "| fedavg · unseen sev 2/3 | unseen hospitals after AdaBN, severity 3 | 2 | 0.350 ± 0.057 |" in markdown
+    assert (folder / "sweep_domain_shift_bars.png").stat().st_size > 1000

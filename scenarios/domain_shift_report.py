@@ -2,11 +2,14 @@
 
 :func:`run_section` is what :func:`privacy.report.build_report` appends for a domain-shift run
 (config ``scenario = "domain_shift"``, or ``unseen``/``model-*``/``shift`` rows in ``metrics.csv``):
-training against unseen hospitals' final Dice with the gap and the fairness figures, a per-site
+training against unseen hospitals' final Dice (one row per scanner severity when the unseen hospitals
+come at several; AdaBN and fine-tuned rows when the run has them) with the gap and the fairness
+figures, a per-site
 table, Dice drop against histogram distance, the late joiner's curve and the local models'
 site-by-site matrix; it writes ``domain_shift.csv`` into the run folder. :func:`sweep_section` is
 what :func:`server.sweep_report.build_sweep_report` appends when a trial ran the scenario: the same
-figures per setting, as means and sample standard deviations over seeds, and the sweep's
+figures per setting (unseen Dice, gap and worst hospital per severity, AdaBN Dice and gain,
+fine-tuned Dice), as means and sample standard deviations over seeds, and the sweep's
 ``domain_shift.csv`` (with a ``trial`` column).
 
 The numbers come from :mod:`scenarios.domain_shift_tables`; the blocks are those of
@@ -414,40 +417,44 @@ def _setting_tables(gaps: pd.DataFrame) -> list[_Table]:
     def tag(severity: float, before: str, after: str = "") -> str:
         return f"{before} sev {_severity(severity)}{after}" if several else f"{before}{after}"
 
-    main_header = ["setting", "seeds", "training Dice"]
-    more_header = ["setting"]
-    for severity in severities:
-        main_header += [tag(severity, "unseen", " Dice"), tag(severity, "gap")]
-        more_header.append(tag(severity, "worst") if several else "worst unseen")
-    if tta:
-        for severity in severities:
-            more_header += [tag(severity, "AdaBN", " Dice"), tag(severity, "AdaBN gain")]
-    if finetuned:
-        more_header.append("fine-tuned training Dice")
-    main_rows, more_rows = [], []
-    for row in overall.to_dict("records"):
-        setting = row["setting"]
-        main = [setting, str(row["n_seeds"]), _mean_std(row, "train_dice")]
-        more = [setting]
-        for severity in severities:
-            stats = _lookup(per_severity, setting, severity)
-            main += [_mean_std(stats, "unseen_dice"), _mean_std(stats, "gap")]
-            chosen = gaps[(gaps["setting"] == setting) & _same(gaps["severity"], severity)]
-            worst = _mean_std(stats, "unseen_worst")
-            more.append(worst if worst == "n/a" else f"{worst}, {_most_often(chosen['unseen_worst_hospital'])}")
+    settings = overall.to_dict("records")
+    stats = {(r["setting"], i): _lookup(per_severity, r["setting"], s) for r in settings
+             for i, s in enumerate(severities)}  # fmt: skip
+    # Column groups, each a header and one cell per setting; they are packed into tables below.
+    main: list[tuple[str, list[str]]] = [("seeds", [str(r["n_seeds"]) for r in settings]),
+                                         ("training Dice", [_mean_std(r, "train_dice") for r in settings])]
+    worst: list[tuple[str, list[str]]] = []
+    adabn: list[tuple[str, list[str]]] = []
+    for i, severity in enumerate(severities):
+        main.append((tag(severity, "unseen", " Dice"), [_mean_std(stats[r["setting"], i], "unseen_dice")
+                                                          for r in settings]))
+        main.append((tag(severity, "gap"), [_mean_std(stats[r["setting"], i], "gap") for r in settings]))
+        cells = []
+        for r in settings:
+            chosen = gaps[(gaps["setting"] == r["setting"]) & _same(gaps["severity"], severity)]
+            value = _mean_std(stats[r["setting"], i], "unseen_worst")
+            cells.append(value if value == "n/a" else f"{value}, {_most_often(chosen['unseen_worst_hospital'])}")
+        worst.append((tag(severity, "worst") if several else "worst unseen", cells))
         if tta:
-            for severity in severities:
-                stats = _lookup(per_severity, setting, severity)
-                more += [_mean_std(stats, "tta_dice"), _mean_std(stats, "tta_gain", "+.3f")]
-        if finetuned:
-            more.append(_mean_std(row, "finetuned_dice"))
-        main_rows.append(tuple(main))
-        more_rows.append(tuple(more))
-    joined = _Table((*main_header, *more_header[1:]),
-                    tuple(m + o[1:] for m, o in zip(main_rows, more_rows, strict=True)))  # fmt: skip
-    if _width(joined) <= _MAX_WIDTH:
-        return [joined]
-    return [_Table(tuple(main_header), tuple(main_rows)), _Table(tuple(more_header), tuple(more_rows))]
+            adabn.append((tag(severity, "AdaBN", " Dice"), [_mean_std(stats[r["setting"], i], "tta_dice")
+                                                            for r in settings]))
+            adabn.append((tag(severity, "AdaBN gain"), [_mean_std(stats[r["setting"], i], "tta_gain", "+.3f")
+                                                         for r in settings]))
+    tail = [("fine-tuned training Dice", [_mean_std(r, "finetuned_dice") for r in settings])] if finetuned else []
+    first = ("setting", [str(r["setting"]) for r in settings])
+    tables: list[list[tuple[str, list[str]]]] = []
+    for group in (main, worst, adabn, tail):
+        if not group:
+            continue
+        if tables and _width(_as_table([*tables[-1], *group])) <= _MAX_WIDTH:
+            tables[-1] += group
+        else:
+            tables.append([first, *group])
+    return [_as_table(columns) for columns in tables]
+
+
+def _as_table(columns: Sequence[tuple[str, Sequence[str]]]) -> _Table:
+    return _Table(tuple(h for h, _ in columns), tuple(zip(*(cells for _, cells in columns), strict=True)))
 
 
 def _width(table: _Table) -> int:

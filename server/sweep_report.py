@@ -392,10 +392,16 @@ def _rounds_figure(data: SweepData, cells: pd.DataFrame, curves: dict[int, pd.Se
     shown = [k for k in data.cell_keys if k != "strategy"]
     figure, axes = _panels(strategies, 3.2)
     for ax, strategy in zip(axes, strategies, strict=True):
+        panel = [p for p in curves if cells.iloc[p]["strategy"] == strategy]
+        # Name only what tells this panel's curves apart: a curve's values that differ from the
+        # panel's most common ones (a key with one value here, or a curve's usual value, is noise).
+        values = {k: [format_value(cells.iloc[p][k]) for p in panel] for k in shown}
+        usual = {k: max(set(v), key=v.count) for k, v in values.items() if len(set(v)) > 1}
         for position, curve in curves.items():
             cell = cells.iloc[position]
             if cell["strategy"] == strategy:
-                label = ", ".join(f"{k}={format_value(cell[k])}" for k in shown) or "all trials"
+                changed = [f"{k}={format_value(cell[k])}" for k in usual if format_value(cell[k]) != usual[k]]
+                label = ", ".join(changed) or ("the most common values" if usual else "all trials")
                 ax.plot(curve.index.to_numpy(), _finite(curve), color=f"C{position % 10}", marker="o",
                         markersize=2, label=label)
         ax.set_xlabel("round")

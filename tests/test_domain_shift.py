@@ -15,7 +15,7 @@ from privacy.keys import load_keyring
 from scenarios.normalization import local_state_names
 from sims.anatomy import class_names
 from sims.model import make_model
-from tests.test_end_to_end import _assert_same, _finish, _flower_processes, _start
+from tests.test_end_to_end import _finish, _flower_processes, _start
 
 TINY = (
     "image-size=32 unet-channels='8,16' patients-per-hospital=20 holdout-per-hospital=4 server-eval-patients=8 "
@@ -40,17 +40,15 @@ def _frame(run: Path, name: str) -> pd.DataFrame:
 
 
 @pytest.mark.e2e
-def test_every_strategy_and_mitigation_runs_and_fedbn_keeps_its_layers_local_and_resumes_exactly(
-    tmp_path: Path,
-) -> None:
+def test_every_strategy_and_mitigation_runs_and_fedbn_keeps_its_layers_local(tmp_path: Path) -> None:
+    # (That a resume restores FedBN's layers bit for bit: tests/clients/test_local_weights.py;
+    # that a resumed run equals an uninterrupted one: tests/test_end_to_end.py.)
     before = _flower_processes()
     cache = f"cache-dir='{tmp_path / 'cache'}'"
-    out = {name: tmp_path / name for name in ("fedbn", "stopped", "resumed", "local", "pooled")}
+    out = {name: tmp_path / name for name in ("fedbn", "local", "pooled")}
     fedbn = ["--hospitals", "5", "-c", f"{TINY} {FEDBN} {cache}"]
     runs = {
         "fedbn": _start(*fedbn, "-c", f"output-dir='{out['fedbn']}'", log=tmp_path / "fedbn.log"),
-        "stopped": _start(*fedbn, "-c", f"output-dir='{out['stopped']}' checkpoint.stop-after=1",
-                          log=tmp_path / "stopped.log"),
         "local": _start("--hospitals", "3", "-c", f"{TINY} {LOCAL} {cache} output-dir='{out['local']}'",
                         log=tmp_path / "local.log"),
         "pooled": _start("--hospitals", "3", "-c", f"{TINY} {POOLED} {cache} output-dir='{out['pooled']}'",
@@ -58,8 +56,6 @@ def test_every_strategy_and_mitigation_runs_and_fedbn_keeps_its_layers_local_and
     }
     for proc in runs.values():
         _finish(proc)
-    stopped = (out["stopped"] / "latest").resolve()
-    _finish(_start(*fedbn, "-c", f"output-dir='{out['resumed']}' checkpoint.resume-from='{stopped}'"))
     run = {name: (path / "latest").resolve() for name, path in out.items()}
 
     # --- FedBN with every mitigation, a late joiner and a noisy annotator ------------------
@@ -70,7 +66,7 @@ def test_every_strategy_and_mitigation_runs_and_fedbn_keeps_its_layers_local_and
     unseen = messages[messages["phase"] == "evaluate-unseen"]
     assert sorted(unseen["site"]) == ["3", "3", "4", "4"]  # asked to evaluate, never to train
     metrics = _frame(run["fedbn"], "metrics.csv")
-    assert set(metrics.query("split == 'train'")["site"]) == {"0", "1", "2"}  # no update from 3 or 4
+    assert set(metrics.query("split == 'train' and site != 'global'")["site"]) == {"0", "1", "2"}  # none from 3, 4
     final = metrics.query("round == 2 and metric == 'dice_mean'").set_index(["site", "split"])["value"]
     for site, split in [("3", "unseen"), ("4", "unseen"), ("3", "unseen-tta"), ("global", "unseen-tta"),
                         ("0", "finetuned"), ("global", "finetuned"), ("2", "test")]:
@@ -103,10 +99,6 @@ def test_every_strategy_and_mitigation_runs_and_fedbn_keeps_its_layers_local_and
     assert sorted(state.tensors) == sorted(names)
     moved = [n for n in names if n.endswith("running_mean") and not torch.equal(state.tensors[n], initial[n])]
     assert moved and all(torch.isfinite(state.tensors[n]).all() for n in names)
-
-    # Stopped after round 1 and resumed: the same numbers as the uninterrupted run (the
-    # hospitals' own layers come back from their encrypted state).
-    _assert_same(run["resumed"], run["fedbn"])
 
     # --- Local-only with DP-SGD: the site-by-site matrix, an epsilon per training hospital -------
     local = _frame(run["local"], "metrics.csv")

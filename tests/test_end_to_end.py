@@ -38,9 +38,11 @@ def _fedscan(*args: str, timeout: float = 400) -> subprocess.CompletedProcess[st
 
 
 @pytest.mark.e2e
-def test_two_hospitals_two_rounds_write_complete_finite_outputs(tmp_path: Path) -> None:
+def test_two_hospitals_two_rounds_write_complete_finite_outputs_beside_a_budget_guarded_run(tmp_path: Path) -> None:
     before = _flower_processes()
     out_dir = tmp_path / "outputs"
+    # Two launches side by side: the budget-guarded one idles 30 s waiting for a straggler.
+    budget = _start_budget_guarded_run(tmp_path / "budget")
 
     # FedProx and public pre-training, end to end (FedAdam runs in the resume test below).
     proc = _fedscan(
@@ -75,6 +77,7 @@ def test_two_hospitals_two_rounds_write_complete_finite_outputs(tmp_path: Path) 
     assert (metrics["value"][metrics["metric"].str.startswith("dice")].between(0, 1)).all()
     assert "Final round (2)" in (run_dir / "summary.md").read_text()
 
+    _check_budget_guarded_run(tmp_path / "budget", _finish(budget))
     # The SuperLink and everything it started are gone.
     assert _flower_processes() <= before
 
@@ -126,26 +129,30 @@ def test_unusable_cache_folder_is_refused_before_any_run(tmp_path: Path) -> None
     )
 
 
-@pytest.mark.e2e
-def test_budget_guard_stops_a_hospital_at_its_target_and_a_straggler_still_spends(tmp_path: Path) -> None:
-    # Fixed noise 1.88 at q = 8/28 and 8 steps a round gives epsilon 1.71, 2.42, 2.99
-    # after rounds 1-3 (delta 1e-3): with a budget of 2.5 each hospital must sit out round 3.
-    # Seed 2 draws one fault: hospital 1 straggles in round 1 (trains, then replies after the
-    # 30 s deadline); the round goes on with hospital 0, and hospital 1's budget is spent.
-    out_dir = tmp_path / "outputs"
+def _start_budget_guarded_run(folder: Path) -> subprocess.Popen[str]:
+    """The budget guard: a hospital sits out the round that would overshoot its target, and a
+    straggler's late round still spends.
+
+    Fixed noise 1.88 at q = 8/28 and 8 steps a round gives epsilon 1.71, 2.42, 2.99 after rounds
+    1-3 (delta 1e-3): with a budget of 2.5 each hospital must sit out round 3. Seed 2 draws one
+    fault: hospital 1 straggles in round 1 (trains, then replies after the 30 s deadline); the
+    round goes on with hospital 0, and hospital 1's budget is spent.
+    """
     privacy = (
         "privacy.mode='both' privacy.target-epsilon=2.5 privacy.calibrate-noise=false "
         "privacy.noise-multiplier=1.88 privacy.delta=1e-3 patients-per-hospital=40 "
         "seed=2 faults.straggle-rate=0.3 faults.round-timeout=30"
     )
-
-    proc = _fedscan(
+    folder.mkdir(parents=True)
+    return _start(
         "--hospitals", "2", "-c", TINY, "-c", "num-server-rounds=3",
-        "-c", f"{privacy} output-dir='{out_dir}' cache-dir='{tmp_path / 'c'}'",
+        "-c", f"{privacy} output-dir='{folder / 'outputs'}' cache-dir='{folder / 'c'}'", log=folder / "run.log",
     )
 
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "declines round 3 to protect its privacy budget" in proc.stdout
+
+def _check_budget_guarded_run(folder: Path, output: str) -> None:
+    out_dir = folder / "outputs"
+    assert "declines round 3 to protect its privacy budget" in output
     run_dir = (out_dir / "latest").resolve()
     privacy_csv = pd.read_csv(run_dir / "privacy.csv", dtype={"site": str})
     assert list(privacy_csv.columns) == [
@@ -173,7 +180,7 @@ def test_budget_guard_stops_a_hospital_at_its_target_and_a_straggler_still_spend
     trained = pd.read_csv(run_dir / "metrics.csv", dtype={"site": str}).query("metric == 'steps' and site != 'global'")
     # Client-level DP releases nothing from a round short of its sampled updates (round 1).
     assert trained.groupby("round")["site"].apply(sorted).to_dict() == {2: ["0", "1"]}
-    assert "round 1: 1 of 2 sampled updates usable; client-level DP releases no update" in proc.stdout
+    assert "round 1: 1 of 2 sampled updates usable; client-level DP releases no update" in output
     report = (run_dir / "privacy_report.md").read_text()
     assert "ran out of budget in round 3" in report
     assert "data:image/png;base64," in (run_dir / "privacy_report.html").read_text()
@@ -265,9 +272,9 @@ def test_faulty_sampled_run_is_reproducible_and_resumes_exactly_after_a_kill_and
     # gives other numbers is checked in tests/test_sweep.py.)
     runs = {name: _start(*common, "-c", f"output-dir='{out[name]}'", log=tmp_path / f"{name}.log") for name in ("a", "a2")}
     killed = _kill_mid_round(_start(*common, "-c", f"output-dir='{out['k']}'"), "[ROUND 4/5]")
-    logs = {name: _finish(proc) for name, proc in runs.items()}
     k = (out["k"] / "latest").resolve()
     b2 = _finish(_start(*common, "-c", f"output-dir='{out['b2']}' checkpoint.resume-from='{k}' checkpoint.stop-after=4"))
+    logs = {name: _finish(proc) for name, proc in runs.items()}
     b2_dir = (out["b2"] / "latest").resolve()
     # A setting that changes no number (checkpoint.keep) does not block a resume.
     _finish(_start(*common, "-c", f"output-dir='{out['b3']}' checkpoint.resume-from='{b2_dir}' checkpoint.keep=3"))

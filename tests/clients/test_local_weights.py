@@ -82,3 +82,33 @@ def test_fedavg_keeps_nothing_local(tmp_path: Path) -> None:
 
     assert LOCAL_KEY not in context.state.array_records
     assert all(torch.equal(outgoing[k], v) for k, v in model.state_dict().items())
+
+
+def test_fedbn_layers_survive_a_resume_bit_for_bit_through_the_encrypted_state(tmp_path: Path) -> None:
+    from flwr.app import ConfigRecord
+
+    from clients.client_app import _persist, _restore_if_resuming, _status
+    from clients.hospital_state import state_path
+
+    hospital = _hospital(tmp_path / "cache", strategy="fedbn", norm="batch")
+    node = {"partition-id": 0, "num-partitions": 2}
+    before = SimpleNamespace(state=RecordDict(), node_config=node)
+    model = hospital.new_model()
+    received = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    _keep_local(hospital, _perturbed(model), received, before)  # type: ignore[arg-type]
+    _status(before)["trained-round"] = 1  # type: ignore[arg-type]
+    run, keys = tmp_path / "run", tmp_path / "run" / "keys"
+    saved = ConfigRecord({"run-dir": str(run), "key-root": str(keys), "key-create": 1, "kept-rounds": "1"})
+    _persist(hospital, before, saved, 1)  # type: ignore[arg-type]
+
+    # A resumed run: a fresh context, the state read back from the hospital's encrypted file.
+    after = SimpleNamespace(state=RecordDict(), node_config=node)
+    resume = ConfigRecord({"resume-dir": str(run), "resume-key-root": str(keys), "resume-round": 1, "run-dir": ""})
+    _restore_if_resuming(hospital, after, resume)  # type: ignore[arg-type]
+
+    kept = before.state.array_records[LOCAL_KEY].to_torch_state_dict()
+    back = after.state.array_records[LOCAL_KEY].to_torch_state_dict()
+    assert sorted(back) == sorted(kept) == sorted(local_state_names(model))
+    assert all(torch.equal(back[n], kept[n]) and back[n].dtype == kept[n].dtype for n in kept)
+    blob = state_path(run, 0, 1).read_bytes()
+    assert kept["model.0.adn.N.running_var"].numpy().tobytes() not in blob  # encrypted at rest

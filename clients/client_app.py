@@ -268,8 +268,8 @@ def evaluate(msg: Message, context: Context) -> Message:
 
     What is evaluated: the model sent, as sent, when the server asks for a site-by-site
     evaluation (``cross-model`` = the hospital whose local model it is; keys ``model-<i>/...``);
-    at an unseen hospital the global model, and with ``mitigation.tta = "adabn"`` also the
-    global model after re-estimating its BatchNorm statistics here (``unseen-tta/...``);
+    at an unseen hospital the global model, and with ``mitigation.tta`` also the global model
+    after test-time adaptation here (AdaBN or TENT; ``unseen-tta/...``);
     otherwise the model this hospital uses (the global one, with its own normalisation layers
     under FedBN, its own model under local-only) and, in the final round with
     ``finetune-epochs``, that model fine-tuned here (``finetuned/...``).
@@ -282,7 +282,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     elif not hospital.trains:
         scores, n = hospital.evaluate(model, "test")
         values = dict(scores)
-        if hospital.config.mitigation.tta == "adabn":
+        if hospital.config.mitigation.tta != "none":
             hospital.adapt(model)
             adapted, _ = hospital.evaluate(model, "test")
             values.update({f"unseen-tta/{k}": v for k, v in adapted.items()})

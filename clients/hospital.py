@@ -202,12 +202,18 @@ class Hospital:
             augment=False, transform=self.batch_transform(),
         )
 
-    def adapt(self, model: torch.nn.Module) -> int:
-        """AdaBN test-time adaptation (in place): re-estimate the BatchNorm statistics from this
-        hospital's unlabelled train images; returns the number of layers adapted."""
-        from scenarios.normalization import adapt_batch_norm
+    def adapt(self, model: torch.nn.Module) -> None:
+        """Test-time adaptation (in place) from this hospital's unlabelled train images:
+        ``mitigation.tta = "adabn"`` re-estimates the BatchNorm statistics; ``"tent"`` does that
+        (when there is BatchNorm) and then one pass of entropy minimisation on the normalisation
+        layers' scale and shift, in a fixed order (no randomness)."""
+        from scenarios.normalization import adapt_batch_norm, entropy_minimization
 
-        return adapt_batch_norm(model, self.data("train")[0], batch_size=self.config.train.batch_size * 4)
+        images = self.data("train")[0]
+        batch = self.config.train.batch_size * 4
+        adapt_batch_norm(model, images, batch_size=batch)  # a no-op without BatchNorm
+        if self.config.mitigation.tta == "tent":
+            entropy_minimization(model, images, epochs=1, batch_size=batch)
 
     # ------------------------------------------------------------------ privacy
 

@@ -209,7 +209,8 @@ def _adabn_gain(gaps: pd.DataFrame) -> list[_Block]:
     parts = [(f"severity {_severity(r['severity'])} " if several else "") + _num(r["tta_gain"], "+.3f")
              for r in gaps.to_dict("records")]  # fmt: skip
     return [_Paragraph(
-        "**AdaBN gain** (each unseen hospital's Dice after AdaBN minus before, mean over the hospitals): "
+        "**TTA gain** (each unseen hospital's Dice after test-time adaptation, AdaBN or TENT, minus "
+        "before, mean over the hospitals): "
         + ", ".join(parts) + "."
     )]  # fmt: skip
 
@@ -340,7 +341,8 @@ def sweep_section(
                if several else "")
             + "**Gap**: training minus unseen mean; **worst**: the lowest unseen hospital's Dice, with the "
             "hospital most often lowest (in how many seeds). "
-            + ("**AdaBN**: the same hospitals after test-time adaptation (split `unseen-tta`); **gain**: after "
+            + ("**TTA**: the same hospitals after test-time adaptation (AdaBN or TENT, as the setting says; "
+               "split `unseen-tta`); **gain**: after "
                "minus before, per trial, then over seeds. " if gaps["tta_dice"].notna().any() else "")
             + ("**Fine-tuned**: the training hospitals after local fine-tuning (split `finetuned`). "
                if gaps["finetuned_dice"].notna().any() else "")
@@ -436,9 +438,9 @@ def _setting_tables(gaps: pd.DataFrame) -> list[_Table]:
             cells.append(value if value == "n/a" else f"{value}, {_most_often(chosen['unseen_worst_hospital'])}")
         worst.append((tag(severity, "worst") if several else "worst unseen", cells))
         if tta:
-            adabn.append((tag(severity, "AdaBN", " Dice"), [_mean_std(stats[r["setting"], i], "tta_dice")
+            adabn.append((tag(severity, "TTA", " Dice"), [_mean_std(stats[r["setting"], i], "tta_dice")
                                                             for r in settings]))
-            adabn.append((tag(severity, "AdaBN gain"), [_mean_std(stats[r["setting"], i], "tta_gain", "+.3f")
+            adabn.append((tag(severity, "TTA gain"), [_mean_std(stats[r["setting"], i], "tta_gain", "+.3f")
                                                          for r in settings]))
     tail = [("fine-tuned training Dice", [_mean_std(r, "finetuned_dice") for r in settings])] if finetuned else []
     first = ("setting", [str(r["setting"]) for r in settings])

@@ -78,7 +78,7 @@ TRAINING_ROLES = ("train", "late", "noisy")
 VIEWS = {
     "test": "training hospitals",
     "unseen": "unseen hospitals",
-    "unseen-tta": "unseen hospitals after AdaBN",
+    "unseen-tta": "unseen hospitals after TTA",
     "finetuned": "training hospitals after fine-tuning",
 }
 """The evaluation views of the fairness tables, by split, in display order."""

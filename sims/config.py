@@ -26,7 +26,7 @@ NORMS = ("instance", "instance-affine", "group", "batch")
 ARCHETYPES = ("noisy", "blurry", "bias_contrast", "ringing_spikes")  # sims.scanners.SCANNER_ARCHETYPES
 LABEL_NOISE_KINDS = ("erode", "dilate", "miss", "mixed")
 STANDARDIZE = ("none", "zscore", "histogram")
-TTA = ("none", "adabn")
+TTA = ("none", "adabn", "tent")
 PRIVACY_MODES = ("off", "sample", "client", "both")
 DP_LAYERS = ("all", "head")
 LR_SCHEDULES = ("cosine", "constant")
@@ -135,8 +135,10 @@ class MitigationSpec:
     scanner_augment : bool
         Random scanner effects (MONAI random intensity transforms) at training time.
     tta : str
-        ``"none"`` or ``"adabn"``: an unseen hospital re-estimates the BatchNorm statistics
-        from its own unlabelled images before it evaluates (needs ``norm = "batch"``).
+        ``"none"``; ``"adabn"``: an unseen hospital re-estimates the BatchNorm statistics
+        from its own unlabelled images before it evaluates (needs ``norm = "batch"``);
+        ``"tent"``: it also takes one pass of entropy minimisation on the normalisation layers'
+        scale and shift (Wang et al., ICLR 2021; needs a norm with them: not ``"instance"``).
     """
 
     standardize: str = "none"
@@ -581,6 +583,11 @@ def _check_scenario(train: TrainSpec, privacy: PrivacySpec, shift: ShiftSpec, mi
             "The 'strategy' parameter is \"fedbn\", which keeps normalisation layers local, but 'norm' = "
             "\"instance\" has no parameters to keep. Set 'norm' to \"batch\" (no DP), \"group\" or "
             "\"instance-affine\"."
+        )
+    if mitigation.tta == "tent" and train.norm == "instance":
+        raise ConfigError(
+            "The 'mitigation.tta' parameter \"tent\" adapts the normalisation layers' scale and shift, and "
+            "'norm' = \"instance\" has none. Use \"instance-affine\", \"group\" or \"batch\"."
         )
     if mitigation.tta == "adabn" and train.norm != "batch":
         raise ConfigError(

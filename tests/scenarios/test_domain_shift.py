@@ -92,6 +92,7 @@ def test_holding_out_the_only_archetype_leaves_no_one_to_train() -> None:
         ({"norm": "batch", "privacy.mode": "sample"}, "The 'norm' parameter cannot be \"batch\" with sample-level DP"),
         ({"strategy": "fedbn"}, "has no parameters to keep"),
         ({"mitigation.tta": "adabn"}, "needs 'norm' = \"batch\""),
+        ({"mitigation.tta": "tent"}, "'norm' = \"instance\" has none"),
         ({"strategy": "pooled", "privacy.mode": "sample"}, "needs 'privacy.mode' = \"off\""),
         ({"shift.late-join-round": 31}, "must be 0 or at most 'num-server-rounds' = 30. Got 31"),
         ({"finetune-epochs": 1, "privacy.mode": "sample"}, "fine-tuning would spend privacy budget"),

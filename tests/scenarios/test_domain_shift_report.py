@@ -390,7 +390,7 @@ def test_sweep_report_adds_the_section_and_the_csv(tmp_path: Path) -> None:
     assert "| setting | seeds | training Dice | unseen Dice | gap | worst unseen |" in section
     assert "| fedavg | 3 | 0.750 ± 0.050 | 0.500 ± 0.050 | 0.250 ± 0.050 | 0.450 ± 0.050, h4 (2/3) |" in section
     assert "| fedprox | 1 | 0.800 ± – | 0.700 ± – | 0.100 ± – | 0.700 ± –, h3 (1/1) |" in section
-    assert "sev 2" not in section and "AdaBN" not in section and "fine-tuned" not in section
+    assert "sev 2" not in section and "TTA" not in section and "fine-tuned" not in section
     assert "### Fairness" in section
     table = read_csv(folder / DOMAIN_SHIFT_CSV)
     assert list(table[0]) == ["trial", *COLUMNS] and len(table) == 4 * 45
@@ -495,8 +495,8 @@ def test_unseen_hospitals_are_reported_per_severity_with_the_adabn_gain(tmp_path
     section = markdown[markdown.index("## Domain shift"):]
     assert "| unseen hospitals, severity 2 | 2 | 0.550 | 0.500 (h4) | 0.100 | 0.200 |" in section
     assert "| unseen hospitals, severity 3 | 2 | 0.350 | 0.300 (h6) | 0.100 | 0.400 |" in section
-    assert "| unseen hospitals after AdaBN, severity 2 | 2 | 0.580 | 0.540 (h4) | 0.080 | 0.170 |" in section
-    assert "| unseen hospitals after AdaBN, severity 3 | 1 | 0.390 | 0.390 (h6) | 0.000 | 0.360 |" in section
+    assert "| unseen hospitals after TTA, severity 2 | 2 | 0.580 | 0.540 (h4) | 0.080 | 0.170 |" in section
+    assert "| unseen hospitals after TTA, severity 3 | 1 | 0.390 | 0.390 (h6) | 0.000 | 0.360 |" in section
     assert "| training hospitals after fine-tuning | 3 | 0.760 | 0.710 (h1) | 0.100 | – |" in section
     assert "| unseen hospitals |" not in section  # replaced by the rows per severity
     assert "mean over the hospitals): severity 2 +0.030, severity 3 +0.090." in section
@@ -527,9 +527,9 @@ def test_sweep_table_has_a_group_per_severity_with_adabn_and_fine_tuning(tmp_pat
             "0.450 ± 0.071 |") in section  # fmt: skip
     assert ("| setting | worst sev 2 | worst sev 3 |\n|---|---|---|\n"
             "| fedavg · unseen sev 2/3 | 0.450 ± 0.071, h4 (2/2) | 0.250 ± 0.071, h6 (2/2) |") in section  # fmt: skip
-    assert ("| setting | AdaBN sev 2 Dice | AdaBN gain sev 2 | AdaBN sev 3 Dice | AdaBN gain sev 3 | "
+    assert ("| setting | TTA sev 2 Dice | TTA gain sev 2 | TTA sev 3 Dice | TTA gain sev 3 | "
             "fine-tuned training Dice |\n|---|---|---|---|---|---|\n"
             "| fedavg · unseen sev 2/3 | 0.540 ± 0.057 | +0.040 ± 0.014 | 0.350 ± 0.057 | +0.075 ± 0.021 | "
             "0.760 ± 0.000 |") in section  # fmt: skip
-    assert "| fedavg · unseen sev 2/3 | unseen hospitals after AdaBN, severity 3 | 2 | 0.350 ± 0.057 |" in markdown
+    assert "| fedavg · unseen sev 2/3 | unseen hospitals after TTA, severity 3 | 2 | 0.350 ± 0.057 |" in markdown
     assert (folder / "sweep_domain_shift_bars.png").stat().st_size > 1000

@@ -26,7 +26,13 @@ import torch
 from monai.data import get_track_meta, set_track_meta
 
 from common.validation import check_float
-from scenarios.shift_measures import FOREGROUND_THRESHOLD, check_images, check_weights, foreground_mask
+from scenarios.shift_measures import (
+    FOREGROUND_THRESHOLD,
+    check_images,
+    check_weights,
+    float_array,
+    foreground_mask,
+)
 from sims.scanners import (
     _ARCHETYPE_RANGES,
     _MAX_GIBBS_ALPHA,
@@ -157,19 +163,9 @@ def image_landmarks(images: np.ndarray, *, threshold: float = FOREGROUND_THRESHO
     return np.asarray(kept.mean(axis=0))
 
 
-def _float_array(value: object) -> np.ndarray | None:
-    """``value`` as a float64 array, or None if it is not array-like numbers (a str, an object)."""
-    if isinstance(value, (str, bytes)) or not isinstance(value, (np.ndarray, Sequence)):
-        return None
-    try:
-        return np.asarray(value, dtype=np.float64)
-    except (TypeError, ValueError):
-        return None
-
-
 def _check_landmarks(value: object, name: str, owner: str, length: int | None = None) -> np.ndarray:
     """``value`` as a finite, strictly increasing float64 vector (of ``length``, if given)."""
-    array = _float_array(value)
+    array = float_array(value)
     expected = f"of length {length}" if length is not None else "with at least 2 values"
     if array is None or array.ndim != 1 or array.size < 2 or (length is not None and array.size != length):
         shape = array.shape if array is not None else type(value).__name__
@@ -279,7 +275,7 @@ def apply_histogram_standardization(
     owner = "apply_histogram_standardization"
     check_images(images, owner)
     std = _check_landmarks(standard, "standard", owner)
-    own = _float_array(own_landmarks)
+    own = float_array(own_landmarks)
     if own is not None and own.ndim == 2:
         if own.shape != (len(images), std.size):
             raise ValueError(

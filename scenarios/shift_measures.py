@@ -122,7 +122,7 @@ def intensity_histogram(images: np.ndarray, *, threshold: float = FOREGROUND_THR
     return counts / counts.sum()
 
 
-def _float_array(value: object) -> np.ndarray | None:
+def float_array(value: object) -> np.ndarray | None:
     """``value`` as a float64 array, or None if it is not array-like numbers (a str, an object)."""
     if isinstance(value, (str, bytes)) or not isinstance(value, (np.ndarray, Sequence)):
         return None
@@ -133,7 +133,7 @@ def _float_array(value: object) -> np.ndarray | None:
 
 
 def _check_histogram(histogram: object, name: str, owner: str) -> np.ndarray:
-    array = _float_array(histogram)
+    array = float_array(histogram)
     if array is None or array.shape != (HISTOGRAM_BINS,):
         shape = array.shape if array is not None else type(histogram).__name__
         raise ValueError(
@@ -219,7 +219,7 @@ def check_weights(weights: Sequence[float] | np.ndarray | None, count: int, owne
     """``count`` non-negative finite weights, not all zero, normalised to sum 1 (equal if ``None``)."""
     if weights is None:
         return np.full(count, 1.0 / count)
-    w = _float_array(weights)
+    w = float_array(weights)
     if w is None or w.shape != (count,) or not np.all(np.isfinite(w)) or np.any(w < 0) or w.sum() <= 0:
         raise ValueError(
             parameter_error(

@@ -185,6 +185,12 @@ def _read_text(path: Path, what: str) -> str:
         raise ScenarioError(f"The {what} '{path}' cannot be read ({type(err).__name__}).") from None
 
 
+def read_toml(path: Path, what: str) -> dict[str, Any]:
+    """Read and parse a TOML file; a missing, unreadable or invalid file is one sentence naming
+    ``what`` and ``path`` (:class:`ScenarioError`). The sweep loader reads its files with it too."""
+    return _parse_toml(_read_text(path, what), path, what)
+
+
 def _parse_toml(text: str, path: Path, what: str) -> dict[str, Any]:
     try:
         return tomllib.loads(text)
@@ -219,7 +225,7 @@ def _flatten_scalars(
 
 def _comparison_federation(path: Path) -> dict[str, Any]:
     """The flattened ``[federation-config]`` of a comparison file (``{}`` when it has none)."""
-    data = _parse_toml(_read_text(path, "comparison file"), path, "comparison file")
+    data = read_toml(path, "comparison file")
     table = data.get("federation-config", {})
     if not isinstance(table, dict):
         raise ScenarioError(f"The [federation-config] part of comparison file '{path}' must be a table. "

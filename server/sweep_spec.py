@@ -50,7 +50,6 @@ import hashlib
 import itertools
 import json
 import math
-import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -166,19 +165,12 @@ def _flatten(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def _load_toml(path: Path) -> dict[str, Any]:
+    from scenarios.registry import ScenarioError, read_toml
+
     try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise UserError(f"The sweep file '{path}' does not exist.") from None
-    except IsADirectoryError:
-        raise UserError(f"The sweep file '{path}' is a folder, not a .toml file.") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise UserError(f"The sweep file '{path}' cannot be read ({type(err).__name__}).") from None
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as err:
-        raise UserError(f"The sweep file '{path}' is not valid TOML: {err}.") from None
-    return data
+        return read_toml(path, "sweep file")
+    except ScenarioError as err:
+        raise UserError(str(err)) from None
 
 
 def _is_scenario_file(data: Mapping[str, Any]) -> bool:

@@ -268,8 +268,9 @@ def run_rounds(
     ``evaluate_sites`` those it evaluates (``None``: all): the strategy sees a grid that lists
     only their nodes. ``after_evaluate(r, arrays, ask)`` runs after the strategy's evaluation:
     it may ``ask`` any hospital to evaluate any arrays (evaluate-only hospitals, site-by-site
-    evaluation). ``on_roll_call`` hears every hospital's roll-call reply (``{hospital: record}``). A strategy that trains at the server
-    (``trains_at_server``) sends no train message; its ``aggregate_train`` trains.
+    evaluation). ``on_roll_call`` hears every hospital's roll-call reply (``{hospital: record}``).
+    A strategy that trains at the server (``trains_at_server``) sends no train message; its
+    ``aggregate_train`` trains.
 
     Raises
     ------
@@ -289,6 +290,7 @@ def run_rounds(
     evaluate_grid = SiteOrderedGrid(grid, site_of, evaluate_sites)
 
     def ask(jobs: list[Job], phase: str) -> list[Message]:
+        # Called from after_evaluate: `server_round` and `config` are the current round's.
         messages = [
             Message(
                 RecordDict({"arrays": arrays, "config": ConfigRecord({**config, **extra, "server-round": server_round})}),

@@ -31,7 +31,7 @@ import torch
 from scipy.special import log_softmax, logsumexp
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from common.validation import InvalidParameterError, check_choice, check_float, parameter_error
+from common.validation import InvalidParameterError, check_choice, check_float, check_int, parameter_error
 
 __all__ = [
     "POOLS",
@@ -232,8 +232,12 @@ class FeatureStats:
                 f"The 'labels' parameter of {owner} must be an integer array of shape ({len(x)},) matching "
                 f"'features' {x.shape}. Got shape {y.shape}, dtype {y.dtype} instead."
             )
-        k = int(y.max()) + 1 if num_classes is None else num_classes
-        if not isinstance(k, int) or isinstance(k, bool) or k < 1 or y.min() < 0 or y.max() >= k:
+        k = (
+            int(y.max()) + 1
+            if num_classes is None
+            else check_int("num_classes", num_classes, owner=owner, low=1)
+        )
+        if y.min() < 0 or y.max() >= k:
             raise InvalidParameterError(
                 f"The 'labels' parameter of {owner} must lie in [0, num_classes) with num_classes={k!r}. "
                 f"Got labels in [{y.min()}, {y.max()}] instead."
@@ -293,7 +297,9 @@ class FeatureStats:
         items = list(stats_list) if isinstance(stats_list, Sequence) else []
         if not items or not all(isinstance(s, FeatureStats) for s in items):
             raise InvalidParameterError(
-                parameter_error("stats_list", "a non-empty sequence of FeatureStats", stats_list, owner="merge")
+                parameter_error(
+                    "stats_list", "a non-empty sequence of FeatureStats", stats_list, owner="merge"
+                )
             )
         first = items[0]
         layouts = {(s.dim, None if s.class_counts is None else len(s.class_counts)) for s in items}
@@ -343,7 +349,9 @@ def mahalanobis_score(features: object, stats: FeatureStats, *, shrinkage: float
     """
     owner = "mahalanobis_score"
     if not isinstance(stats, FeatureStats):
-        raise InvalidParameterError(parameter_error("stats", "a FeatureStats", type(stats).__name__, owner=owner))
+        raise InvalidParameterError(
+            parameter_error("stats", "a FeatureStats", type(stats).__name__, owner=owner)
+        )
     x = _check_array(features, "features", owner, f"(B, {stats.dim})", 2)
     if x.shape[1] != stats.dim:
         raise InvalidParameterError(
@@ -354,14 +362,17 @@ def mahalanobis_score(features: object, stats: FeatureStats, *, shrinkage: float
     covariance = stats.covariance()
     scale = np.trace(covariance) / stats.dim
     covariance = (1.0 - shrinkage) * covariance + shrinkage * scale * np.eye(stats.dim)
+    if scale <= 0:
+        raise InvalidParameterError(
+            f"mahalanobis_score needs features that vary: the statistics of {stats.count} features "
+            f"(D={stats.dim}) have zero variance in every dimension."
+        )
     try:
-        if scale <= 0:
-            raise np.linalg.LinAlgError
         cholesky = np.linalg.cholesky(covariance)
     except np.linalg.LinAlgError:
         raise InvalidParameterError(
             f"mahalanobis_score needs an invertible covariance: the statistics of {stats.count} features "
-            f"(D={stats.dim}) with shrinkage={shrinkage:g} give a singular one; use shrinkage > 0 or more features."
+            f"(D={stats.dim}) with shrinkage={shrinkage:g} give a singular one; use shrinkage > 0."
         ) from None
     means = stats.class_means()  # (K, D)
     # Whitened differences: ||L^{-1} (x - mu)||^2 = (x - mu)^T S^{-1} (x - mu).

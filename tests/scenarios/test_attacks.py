@@ -97,6 +97,17 @@ def test_l2_stays_in_the_per_image_ball(model: torch.nn.Module, random_start: bo
     assert float(adv.min()) >= 0.0
 
 
+def test_l2_projection_only_shrinks(model: torch.nn.Module) -> None:
+    images, labels = _batch()
+    images = images + 0.5  # far from the clip's floor, so clipping cannot shorten the step
+    eps, step = 1.0, 0.05
+
+    adv = _pgd(model, images, labels, eps=eps, step_size=step, steps=1, norm="l2", random_start=False)
+
+    norms = (adv - images).flatten(1).norm(dim=1)
+    assert torch.allclose(norms, torch.full_like(norms, step), atol=1e-5)  # one normalised step, not pushed to eps
+
+
 def test_an_upper_clip_bounds_the_images(model: torch.nn.Module) -> None:
     images, labels = _batch()
     images = images.clamp(max=1.0)

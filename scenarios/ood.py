@@ -32,6 +32,7 @@ from scipy.special import log_softmax, logsumexp
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from common.validation import InvalidParameterError, check_choice, check_float, check_int, parameter_error
+from scenarios.shift_measures import float_array
 
 __all__ = [
     "POOLS",
@@ -60,12 +61,7 @@ def _as_float_array(value: object) -> np.ndarray | None:
     """``value`` as a float64 array (torch tensors detached to CPU), or None if not numbers."""
     if isinstance(value, torch.Tensor):
         return value.detach().cpu().to(torch.float64).numpy()
-    if isinstance(value, (str, bytes)) or not isinstance(value, (np.ndarray, Sequence)):
-        return None
-    try:
-        return np.asarray(value, dtype=np.float64)
-    except (TypeError, ValueError):
-        return None
+    return float_array(value)
 
 
 def _check_array(value: object, name: str, owner: str, shape_text: str, ndim: int) -> np.ndarray:

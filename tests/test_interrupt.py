@@ -45,7 +45,7 @@ def _marked(mark: str) -> dict[int, str]:
 
 
 class _Recorder(threading.Thread):
-    """Records (pid, start time, command line) of every descendant of ``pid`` every 0.1 s."""
+    """Records (pid, start time, latest command line) of every descendant of ``pid`` every 0.1 s."""
 
     def __init__(self, pid: int) -> None:
         super().__init__(daemon=True)
@@ -56,8 +56,11 @@ class _Recorder(threading.Thread):
         while not self.done.is_set():
             try:
                 for child in psutil.Process(self.pid).children(recursive=True):
-                    try:
-                        self.seen.setdefault((child.pid, child.create_time()), " ".join(child.cmdline())[:300])
+                    try:  # the latest command line: a child sampled between fork and exec shows its parent's
+                        cmdline = " ".join(child.cmdline())[:300]
+                        key = (child.pid, child.create_time())
+                        if cmdline or key not in self.seen:
+                            self.seen[key] = cmdline
                     except psutil.Error:
                         pass
             except psutil.Error:

@@ -79,14 +79,20 @@ class _Recorder(threading.Thread):
         return left
 
 
-def _interrupt_run(tmp_path: Path, trigger: str | None, delay: float) -> tuple[int, str, dict[str, dict[Any, str]]]:
+def _interrupt_run(
+    tmp_path: Path, trigger: str | None, delay: float
+) -> tuple[int, str, dict[str, dict[Any, str]]]:
     """Start a run, SIGTERM it ``delay`` s after ``trigger`` appears in its output (or after start)."""
     mark = uuid.uuid4().hex
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")} | {MARK: mark}
     config = f"{TINY} output-dir='{tmp_path / 'out'}' cache-dir='{tmp_path / 'cache'}'"
     proc = subprocess.Popen(
         [FEDSCAN, "run", "--hospitals", "2", "-c", config],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     recorder = _Recorder(proc.pid)
     recorder.start()
@@ -117,7 +123,11 @@ def _interrupt_run(tmp_path: Path, trigger: str | None, delay: float) -> tuple[i
     deadline = time.monotonic() + 5.0
     while time.monotonic() < deadline and (_marked(mark) or recorder.alive()):
         time.sleep(0.2)
-    left: dict[str, dict[Any, str]] = {"marked": _marked(mark), "descendants": recorder.alive(), "seen": dict(recorder.seen)}
+    left: dict[str, dict[Any, str]] = {
+        "marked": _marked(mark),
+        "descendants": recorder.alive(),
+        "seen": dict(recorder.seen),
+    }
     print(f"SIGTERM -> exit: {stop_s:.1f} s; {len(recorder.seen)} descendants seen")
     for pid in set(left["marked"]) | set(left["descendants"]):  # never leave them to others
         try:
@@ -136,12 +146,18 @@ def _interrupt_run(tmp_path: Path, trigger: str | None, delay: float) -> tuple[i
         ("[ROUND 1/", 1.5, "a round"),
     ],
 )
-def test_sigterm_at_any_moment_leaves_no_process(tmp_path: Path, trigger: str | None, delay: float, moment: str) -> None:
+def test_sigterm_at_any_moment_leaves_no_process(
+    tmp_path: Path, trigger: str | None, delay: float, moment: str
+) -> None:
     code, output, left = _interrupt_run(tmp_path, trigger, delay)
 
-    assert left["marked"] == {} and left["descendants"] == {}, f"left after SIGTERM at {moment}: {left}\n{output}"
+    assert left["marked"] == {} and left["descendants"] == {}, (
+        f"left after SIGTERM at {moment}: {left}\n{output}"
+    )
     assert code == 128 + signal.SIGTERM, output[-3000:]
     assert "interrupted" in output
-    if trigger == "[ROUND 1/":  # the run really was under way: Ray and the simulation were among its processes
+    if (
+        trigger == "[ROUND 1/"
+    ):  # the run really was under way: Ray and the simulation were among its processes
         names = " ".join(left["seen"].values())
         assert "raylet" in names and "flower-superlink" in names, names

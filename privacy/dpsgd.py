@@ -61,6 +61,7 @@ def train_dp_round(
     lr: float,
     generator: torch.Generator,
     transform: Callable[[torch.Tensor, torch.Tensor, torch.Generator], Batch] | None = None,
+    adversary: Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, torch.Generator], torch.Tensor] | None = None,
 ) -> DPRoundResult:
     """Run ``steps`` DP-Adam steps on ``model`` in place.
 
@@ -80,6 +81,12 @@ def train_dp_round(
         The only randomness: Poisson sampling, augmentation and the DP noise.
     transform : callable, optional
         Per-batch augmentation ``(x, y, generator) -> (x, y)``.
+    adversary : callable, optional
+        Adversarial training ``(model, x, y, generator) -> x'``: some patients' images of the
+        sampled batch are *replaced* by adversarial examples made from those images alone, so each
+        patient still contributes one example whose gradient is clipped: the per-patient
+        sensitivity, and so the accounting, are unchanged. Opacus' hooks are off while the
+        attack takes its input gradients (they would record per-sample gradients of the attack).
     """
     n = len(images)
     expected = max(1, round(sample_rate * n))
@@ -112,6 +119,12 @@ def train_dp_round(
                 x, y = images[idx], labels[idx]
                 if transform is not None:
                     x, y = transform(x, y, generator)
+                if adversary is not None:
+                    gsm.disable_hooks()
+                    try:
+                        x = adversary(model, x, y, generator)
+                    finally:
+                        gsm.enable_hooks()
                 loss = loss_fn(gsm(x), y)
                 with warnings.catch_warnings():
                     # Opacus' full backward hooks fire on the first layer, whose input

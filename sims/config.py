@@ -147,8 +147,119 @@ class MitigationSpec:
 
     def label(self) -> str:
         """``"none"`` or the switches that are on, joined with ``+`` (e.g. ``histogram+augment``)."""
-        parts = [p for p in (self.standardize, "augment" if self.scanner_augment else "none", self.tta) if p != "none"]
+        parts = [
+            p
+            for p in (self.standardize, "augment" if self.scanner_augment else "none", self.tta)
+            if p != "none"
+        ]
         return "+".join(parts) or "none"
+
+
+OOD_SCORES = ("msp", "entropy", "energy", "mahalanobis", "tta-variance")  # scenarios.ood_eval.SCORE_FAMILIES
+OOD_SETS = (
+    "noise",
+    "blur",
+    "strong-noise",
+    "strong-blur",
+    "motion",
+    "inverted",
+    "ct-like",
+    "shapes",
+    "phantom",
+)
+"""Generated OOD sets (scenarios.corruptions.OOD_SETS); an unseen hospital's own scanner adds its set by itself."""
+ATTACKS = ("fgsm", "pgd-linf", "pgd-l2")
+
+
+@dataclass(frozen=True)
+class OodSpec:
+    """Out-of-distribution detection after the last round (the ``ood`` scenario).
+
+    Parameters
+    ----------
+    scores : tuple of str
+        Score families of :data:`OOD_SCORES` to compute at each hospital; empty = no OOD phase.
+    sets : tuple of str
+        Generated OOD sets of :data:`OOD_SETS`, made at each training hospital from its own test
+        images; the test split of an evaluate-only hospital is its own set (``unseen-scanner`` at
+        the training severity, ``scanner-sev<S>`` at another).
+    tpr : float
+        In-distribution true-positive rate of the accept threshold (FPR at this TPR, selective
+        prediction), in (0, 1).
+    top_percent : float
+        Share of pixels (%) the ``topk`` pooling averages, in (0, 100].
+    """
+
+    scores: tuple[str, ...] = ()
+    sets: tuple[str, ...] = OOD_SETS
+    tpr: float = 0.95
+    top_percent: float = 10.0
+
+
+@dataclass(frozen=True)
+class RobustnessSpec:
+    """Robustness curves after the last round (the ``robustness`` scenario), at each training hospital
+    on its own test split: Dice against the strength of each corruption and attack.
+
+    Parameters
+    ----------
+    noise, salt_pepper, contrast, blur, rotation : tuple of float
+        Strengths (empty = skip): Gaussian noise std, salt-and-pepper fraction of pixels,
+        ``|log gamma|``, blur sigma (px), rotation (degrees); 0 is the clean image.
+    attack_kinds : tuple of str
+        Attacks of :data:`ATTACKS` against the segmentation loss (empty = none).
+    attack_eps : tuple of float
+        L-inf budgets of FGSM and PGD-L-inf, in units of 1/255 (0 = clean).
+    attack_l2_eps : tuple of float
+        L2 budgets of PGD-L2 (per image, in image units).
+    attack_steps : int
+        PGD iterations, >= 1.
+    attack_step_fraction : float
+        PGD step size as a fraction of eps, in (0, 1].
+    attack_random_start : bool
+        PGD starts from a uniform random point of the eps ball.
+    """
+
+    noise: tuple[float, ...] = ()
+    salt_pepper: tuple[float, ...] = ()
+    contrast: tuple[float, ...] = ()
+    blur: tuple[float, ...] = ()
+    rotation: tuple[float, ...] = ()
+    attack_kinds: tuple[str, ...] = ()
+    attack_eps: tuple[float, ...] = (0.0, 2.0, 4.0, 8.0)
+    attack_l2_eps: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0)
+    attack_steps: int = 10
+    attack_step_fraction: float = 0.25
+    attack_random_start: bool = True
+
+    @property
+    def enabled(self) -> bool:
+        return bool(
+            self.noise or self.salt_pepper or self.contrast or self.blur or self.rotation or self.attack_kinds
+        )
+
+
+@dataclass(frozen=True)
+class AdvTrainSpec:
+    """Federated adversarial training (Madry et al., 2018): in every local batch a share ``ratio`` of
+    the patients is replaced by its PGD-L-inf example against the current model.
+
+    Replacing (not adding) keeps one record per patient per batch, so under DP-SGD the per-patient
+    clipping bounds the adversarial loss and the privacy unit stays the patient.
+
+    Parameters
+    ----------
+    ratio : float
+        Share of each batch made adversarial, in [0, 1]; 0 = off.
+    eps : float
+        L-inf budget in units of 1/255, >= 0.
+    steps : int
+        PGD iterations, >= 1 (step size ``2.5 * eps / steps``, random start).
+    """
+
+    ratio: float = 0.0
+    eps: float = 4.0
+    steps: int = 3
 
 
 @dataclass(frozen=True)
@@ -258,6 +369,9 @@ class FedscanConfig:
     faults: FaultSpec = FaultSpec()
     shift: ShiftSpec = ShiftSpec()
     mitigation: MitigationSpec = MitigationSpec()
+    ood: OodSpec = OodSpec()
+    robustness: RobustnessSpec = RobustnessSpec()
+    adv_train: AdvTrainSpec = AdvTrainSpec()
     scenario: str = "none"
     output_dir: str = "outputs"
     cache_dir: str = ".cache/fedscan"
@@ -350,9 +464,7 @@ def _float_in(
             ok = ok and (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
         if not ok:
             interval = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
-            raise ConfigError(
-                f"The '{key}' parameter must be a float in {interval}. Got {value!r} instead."
-            )
+            raise ConfigError(f"The '{key}' parameter must be a float in {interval}. Got {value!r} instead.")
         return float(value)
 
     return parse
@@ -380,8 +492,7 @@ def _choice(options: tuple[str, ...]) -> Callable[[str, Any], str]:
         if value not in options:
             hint = _nearest(str(value), options)
             raise ConfigError(
-                f"The '{key}' parameter must be one of {', '.join(options)}. "
-                f"Got {value!r} instead.{hint}"
+                f"The '{key}' parameter must be one of {', '.join(options)}. Got {value!r} instead.{hint}"
             )
         return str(value)
 
@@ -390,13 +501,17 @@ def _choice(options: tuple[str, ...]) -> Callable[[str, Any], str]:
 
 def _path(key: str, value: Any) -> str:
     if not isinstance(value, str) or not value.strip() or "\x00" in value:
-        raise ConfigError(f"The '{key}' parameter must be a non-empty path (no NUL byte). Got {value!r} instead.")
+        raise ConfigError(
+            f"The '{key}' parameter must be a non-empty path (no NUL byte). Got {value!r} instead."
+        )
     return value
 
 
 def _optional_path(key: str, value: Any) -> str:
     if not isinstance(value, str) or "\x00" in value:
-        raise ConfigError(f"The '{key}' parameter must be a path (no NUL byte) or \"\". Got {value!r} instead.")
+        raise ConfigError(
+            f"The '{key}' parameter must be a path (no NUL byte) or \"\". Got {value!r} instead."
+        )
     return value
 
 
@@ -408,7 +523,7 @@ def _channels(key: str, value: Any) -> tuple[int, ...]:
     if not 2 <= len(channels) <= 6 or any(not 1 <= c <= 1024 for c in channels):
         raise ConfigError(
             f"The '{key}' parameter must be 2 to 6 comma-separated ints in [1, 1024], "
-            f"e.g. \"16,32,64,128\". Got {value!r} instead."
+            f'e.g. "16,32,64,128". Got {value!r} instead.'
         )
     return channels
 
@@ -422,10 +537,58 @@ def _severities(key: str, value: Any) -> tuple[float, ...]:
         levels = ()
     if not levels or any(not (math.isfinite(v) and 0.0 <= v <= 3.0) for v in levels):
         raise ConfigError(
-            f"The '{key}' parameter must be \"same\" or comma-separated floats in [0, 3], e.g. \"2,3\". "
+            f'The \'{key}\' parameter must be "same" or comma-separated floats in [0, 3], e.g. "2,3". '
             f"Got {value!r} instead."
         )
     return levels
+
+
+def _names(options: tuple[str, ...], *, empty: str = "none") -> Callable[[str, Any], tuple[str, ...]]:
+    """A comma-separated list of names from ``options`` (``empty`` = none; "all" = every option)."""
+
+    def parse(key: str, value: Any) -> tuple[str, ...]:
+        if not isinstance(value, str):
+            raise ConfigError(
+                f"The '{key}' parameter must be \"{empty}\" or comma-separated names from {', '.join(options)}. "
+                f"Got {value!r} instead."
+            )
+        text = value.strip().lower()
+        if text in ("none", ""):
+            return ()
+        if text == "all":
+            return options
+        names = tuple(part.strip() for part in text.split(","))
+        for name in names:
+            if name not in options:
+                raise ConfigError(
+                    f'The \'{key}\' parameter must be "{empty}", "all" or comma-separated names from '
+                    f"{', '.join(options)}. Got {name!r} in {value!r} instead.{_nearest(name, options)}"
+                )
+        return tuple(dict.fromkeys(names))
+
+    return parse
+
+
+def _levels(hi: float, what: str) -> Callable[[str, Any], tuple[float, ...]]:
+    """A comma-separated list of strengths in ``[0, hi]`` (``"none"`` = empty)."""
+
+    def parse(key: str, value: Any) -> tuple[float, ...]:
+        if isinstance(value, str) and value.strip().lower() in ("none", ""):
+            return ()
+        try:
+            levels = tuple(float(part) for part in str(value).split(","))
+        except ValueError:
+            levels = ()
+        bad = [v for v in levels if not (math.isfinite(v) and 0.0 <= v <= hi)]
+        if not levels or bad or isinstance(value, bool):
+            shown = f" ({bad[0]:g} is not)" if bad else ""
+            raise ConfigError(
+                f"The '{key}' parameter must be \"none\" or comma-separated {what} in [0, {hi:g}]{shown}, "
+                f'e.g. "0,1,2". Got {value!r} instead.'
+            )
+        return tuple(sorted(set(levels)))
+
+    return parse
 
 
 def _name(key: str, value: Any) -> str:
@@ -499,6 +662,24 @@ KEYS: dict[str, tuple[str, str, _Parser]] = {
     "mitigation.standardize": ("mitigation", "standardize", _choice(STANDARDIZE)),
     "mitigation.scanner-augment": ("mitigation", "scanner_augment", _bool),
     "mitigation.tta": ("mitigation", "tta", _choice(TTA)),
+    "ood.scores": ("ood", "scores", _names(OOD_SCORES)),
+    "ood.sets": ("ood", "sets", _names(OOD_SETS)),
+    "ood.tpr": ("ood", "tpr", _float_in(0.0, 1.0, lo_open=True, hi_open=True)),
+    "ood.top-percent": ("ood", "top_percent", _float_in(0.0, 100.0, lo_open=True)),
+    "robustness.noise": ("robustness", "noise", _levels(1.0, "noise stds")),
+    "robustness.salt-pepper": ("robustness", "salt_pepper", _levels(1.0, "fractions of pixels")),
+    "robustness.contrast": ("robustness", "contrast", _levels(3.0, "|log gamma| values")),
+    "robustness.blur": ("robustness", "blur", _levels(10.0, "blur sigmas (px)")),
+    "robustness.rotation": ("robustness", "rotation", _levels(180.0, "angles (degrees)")),
+    "attack.kinds": ("robustness", "attack_kinds", _names(ATTACKS)),
+    "attack.eps": ("robustness", "attack_eps", _levels(255.0, "L-inf budgets (units of 1/255)")),
+    "attack.l2-eps": ("robustness", "attack_l2_eps", _levels(1000.0, "L2 budgets")),
+    "attack.steps": ("robustness", "attack_steps", _int_in(1, 1000)),
+    "attack.step-fraction": ("robustness", "attack_step_fraction", _float_in(0.0, 1.0, lo_open=True)),
+    "attack.random-start": ("robustness", "attack_random_start", _bool),
+    "adv-train.ratio": ("adv_train", "ratio", _float_in(0.0, 1.0)),
+    "adv-train.eps": ("adv_train", "eps", _float_in(0.0, 255.0)),
+    "adv-train.steps": ("adv_train", "steps", _int_in(1, 100)),
     "output-dir": ("paths", "output_dir", _path),
     "cache-dir": ("paths", "cache_dir", _path),
 }
@@ -537,8 +718,18 @@ def config_from_run_config(run_config: Mapping[str, Any]) -> FedscanConfig:
     """
     check_known_keys(list(run_config))
     sections: dict[str, dict[str, Any]] = {
-        "world": {}, "train": {}, "privacy": {}, "checkpoint": {}, "faults": {}, "shift": {}, "mitigation": {},
-        "top": {}, "paths": {},
+        "world": {},
+        "train": {},
+        "privacy": {},
+        "checkpoint": {},
+        "faults": {},
+        "shift": {},
+        "mitigation": {},
+        "ood": {},
+        "robustness": {},
+        "adv_train": {},
+        "top": {},
+        "paths": {},
     }
     for key, value in run_config.items():
         section, field, parse = KEYS[key]
@@ -564,35 +755,53 @@ def config_from_run_config(run_config: Mapping[str, Any]) -> FedscanConfig:
     shift = ShiftSpec(**sections["shift"])
     mitigation = MitigationSpec(**sections["mitigation"])
     _check_scenario(train, privacy, shift, mitigation)
+    ood, robustness, adv_train = (
+        OodSpec(**sections["ood"]),
+        RobustnessSpec(**sections["robustness"]),
+        AdvTrainSpec(**sections["adv_train"]),
+    )
+    _check_robustness(train, ood, robustness, adv_train)
     return FedscanConfig(
-        world=world, train=train, privacy=privacy, checkpoint=checkpoint, faults=faults, shift=shift,
-        mitigation=mitigation, **sections["top"], **sections["paths"]
+        world=world,
+        train=train,
+        privacy=privacy,
+        checkpoint=checkpoint,
+        faults=faults,
+        shift=shift,
+        mitigation=mitigation,
+        ood=ood,
+        robustness=robustness,
+        adv_train=adv_train,
+        **sections["top"],
+        **sections["paths"],
     )
 
 
-def _check_scenario(train: TrainSpec, privacy: PrivacySpec, shift: ShiftSpec, mitigation: MitigationSpec) -> None:
+def _check_scenario(
+    train: TrainSpec, privacy: PrivacySpec, shift: ShiftSpec, mitigation: MitigationSpec
+) -> None:
     """Combinations that cannot work, one sentence each (hospital counts: server.preflight)."""
     if train.norm == "batch" and privacy.sample_level:
         raise ConfigError(
             "The 'norm' parameter cannot be \"batch\" with sample-level DP (privacy.mode = "
             f"{privacy.mode!r}): BatchNorm mixes patients in a batch, so per-patient clipping would not bound "
-            "one patient's influence (Opacus refuses it). Use \"group\" or \"instance-affine\"."
+            'one patient\'s influence (Opacus refuses it). Use "group" or "instance-affine".'
         )
     if train.strategy == "fedbn" and train.norm == "instance":
         raise ConfigError(
             "The 'strategy' parameter is \"fedbn\", which keeps normalisation layers local, but 'norm' = "
-            "\"instance\" has no parameters to keep. Set 'norm' to \"batch\" (no DP), \"group\" or "
-            "\"instance-affine\"."
+            '"instance" has no parameters to keep. Set \'norm\' to "batch" (no DP), "group" or '
+            '"instance-affine".'
         )
     if mitigation.tta == "tent" and train.norm == "instance":
         raise ConfigError(
             "The 'mitigation.tta' parameter \"tent\" adapts the normalisation layers' scale and shift, and "
-            "'norm' = \"instance\" has none. Use \"instance-affine\", \"group\" or \"batch\"."
+            '\'norm\' = "instance" has none. Use "instance-affine", "group" or "batch".'
         )
     if mitigation.tta == "adabn" and train.norm != "batch":
         raise ConfigError(
             "The 'mitigation.tta' parameter \"adabn\" re-estimates BatchNorm statistics and needs 'norm' = "
-            f"\"batch\". Got norm {train.norm!r} instead (instance and group norms need no re-estimation)."
+            f'"batch". Got norm {train.norm!r} instead (instance and group norms need no re-estimation).'
         )
     if train.strategy == "pooled" and privacy.mode != "off":
         raise ConfigError(
@@ -602,7 +811,7 @@ def _check_scenario(train: TrainSpec, privacy: PrivacySpec, shift: ShiftSpec, mi
     if train.strategy in ("local", "pooled") and privacy.client_level:
         raise ConfigError(
             f"The 'strategy' parameter {train.strategy!r} aggregates no hospital update, so client-level DP "
-            f"(privacy.mode = {privacy.mode!r}) has nothing to protect. Use \"off\" or \"sample\"."
+            f'(privacy.mode = {privacy.mode!r}) has nothing to protect. Use "off" or "sample".'
         )
     if shift.late_join_round > train.num_server_rounds:
         raise ConfigError(
@@ -629,6 +838,32 @@ def _check_scenario(train: TrainSpec, privacy: PrivacySpec, shift: ShiftSpec, mi
         raise ConfigError(
             "The 'finetune-epochs' parameter fine-tunes the federated model at each hospital; it must be 0 with "
             f"strategy {train.strategy!r}. Got {train.finetune_epochs} instead."
+        )
+
+
+def _check_robustness(
+    train: TrainSpec, ood: OodSpec, robustness: RobustnessSpec, adv_train: AdvTrainSpec
+) -> None:
+    """Combinations of the OOD, robustness and adversarial-training keys that cannot work."""
+    if "pgd-l2" in robustness.attack_kinds and not robustness.attack_l2_eps:
+        raise ConfigError(
+            "The 'attack.l2-eps' parameter must list at least one L2 budget when 'attack.kinds' has \"pgd-l2\". "
+            'Got "none" instead.'
+        )
+    if {"fgsm", "pgd-linf"} & set(robustness.attack_kinds) and not robustness.attack_eps:
+        raise ConfigError(
+            "The 'attack.eps' parameter must list at least one L-inf budget when 'attack.kinds' has \"fgsm\" or "
+            '"pgd-linf". Got "none" instead.'
+        )
+    if adv_train.ratio > 0 and adv_train.eps == 0:
+        raise ConfigError(
+            "The 'adv-train.eps' parameter must be > 0 when 'adv-train.ratio' > 0 (an eps-0 attack is the clean "
+            f"image). Got eps {adv_train.eps:g} with ratio {adv_train.ratio:g}."
+        )
+    if adv_train.ratio > 0 and train.strategy == "pooled":
+        raise ConfigError(
+            "The 'adv-train.ratio' parameter must be 0 with strategy \"pooled\" (the centralised baseline trains "
+            f"on clean data only). Got {adv_train.ratio:g}."
         )
 
 
@@ -686,7 +921,9 @@ def privacy_warnings(config: FedscanConfig) -> list[str]:
         notes.append("privacy.noise-multiplier = 0 with sample-level DP on gives no privacy (epsilon = inf).")
     calibrated_client = p.client_target_epsilon is not None and p.calibrate_noise
     if p.client_level and not calibrated_client and p.client_noise_multiplier == 0:
-        notes.append("privacy.client-noise-multiplier = 0 with client-level DP on gives no privacy (epsilon = inf).")
+        notes.append(
+            "privacy.client-noise-multiplier = 0 with client-level DP on gives no privacy (epsilon = inf)."
+        )
     return notes
 
 

@@ -9,6 +9,10 @@ import numpy as np
 import torch
 from monai.losses import DiceCELoss
 
+Adversary = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, torch.Generator], torch.Tensor]
+"""``(model, x, y, generator) -> x'``: a batch with some images replaced by adversarial ones
+(adversarial training; :func:`scenarios.adversarial.make_adversary`)."""
+
 
 @dataclass(frozen=True)
 class LocalTrainResult:
@@ -59,6 +63,7 @@ def train_one_round(
     transform: Callable[[torch.Tensor, torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.Tensor]]
     | None = None,
     proximal_mu: float = 0.0,
+    adversary: Adversary | None = None,
 ) -> LocalTrainResult:
     """Train ``model`` in place with Adam for ``epochs`` passes over one hospital's data.
 
@@ -74,6 +79,9 @@ def train_one_round(
     proximal_mu : float
         FedProx weight: adds ``mu / 2 * ||w - w_start||^2`` to the loss, where
         ``w_start`` are the weights received from the server (Li et al., 2020).
+    adversary : callable, optional
+        Adversarial training: replaces some images of every (transformed) batch by adversarial
+        examples against the model as it is at that step.
     """
     x_all = torch.from_numpy(images)
     y_all = torch.from_numpy(labels)
@@ -91,6 +99,8 @@ def train_one_round(
                 x, y = augment_batch(x, y, generator)
             if transform is not None:
                 x, y = transform(x, y, generator)
+            if adversary is not None:
+                x = adversary(model, x, y, generator)
             optimizer.zero_grad(set_to_none=True)
             loss = loss_fn(model(x), y)
             if start:

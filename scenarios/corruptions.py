@@ -30,7 +30,7 @@ from typing import Literal, overload
 import numpy as np
 from scipy import ndimage
 
-from common.validation import InvalidParameterError, check_choice, check_float
+from common.validation import InvalidParameterError, check_choice, check_float, check_int
 
 __all__ = [
     "FAR_SETS",
@@ -631,11 +631,39 @@ def shepp_logan(
     scale: float = 1.0,
     intensities: np.ndarray | None = None,
 ) -> np.ndarray:
-    """The modified Shepp-Logan head phantom on an ``(H, W)`` grid, float64, clipped at 0.
+    """The modified Shepp-Logan head phantom on an ``(H, W)`` grid.
 
-    ``degrees`` rotates it counter-clockwise, ``scale`` shrinks it about the centre, and
-    ``intensities`` (10 values) replaces the ellipses' additive intensities.
+    Parameters
+    ----------
+    height, width : int
+        Grid size in pixels, ``>= 1``; the phantom's ``[-1, 1]^2`` square fills the grid.
+    degrees : float, default 0.0
+        Counter-clockwise rotation as displayed, in ``[-360, 360]``.
+    scale : float, default 1.0
+        Size relative to the standard phantom, in ``(0, 10]``.
+    intensities : numpy.ndarray, optional
+        10 additive intensities replacing the table's ``(1, -0.8, -0.2, -0.2, 0.1, ...)``.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(height, width)`` float64, clipped at 0: skull 1, brain 0.2, ventricles 0 (standard).
+
+    Raises
+    ------
+    InvalidParameterError
+        If a size, the angle, the scale or the intensities are invalid.
     """
+    height = check_int("height", height, owner="shepp_logan", low=1)
+    width = check_int("width", width, owner="shepp_logan", low=1)
+    degrees = check_float("degrees", degrees, owner="shepp_logan", low=-360.0, high=360.0)
+    scale = check_float("scale", scale, owner="shepp_logan", low=0.0, high=10.0, low_open=True)
+    if intensities is not None:
+        values = np.asarray(intensities, dtype=np.float64)
+        if values.shape != (len(_SHEPP_LOGAN),) or not np.all(np.isfinite(values)):
+            raise _invalid(
+                "shepp_logan", "intensities", f"{len(_SHEPP_LOGAN)} finite floats", f"shape {values.shape}"
+            )
     x, y = _grid(height, width)
     theta = math.radians(degrees)
     # Sample the unrotated, unscaled phantom at the inversely transformed coordinates.

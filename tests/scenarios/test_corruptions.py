@@ -518,6 +518,10 @@ def test_phantom_set_is_a_jittered_rotated_shepp_logan(batch: tuple[np.ndarray, 
             "Got an array of dtype float32 instead.",
         ),
         (
+            lambda x, y: shepp_logan(32, 32, scale=0.0),
+            "The 'scale' parameter of shepp_logan must be a float in (0, 10]. Got 0.0 instead.",
+        ),
+        (
             lambda x, y: gaussian_noise(x, 0.1, 0),  # type: ignore[arg-type]
             "The 'rng' parameter of gaussian_noise must be a numpy.random.Generator. Got type int instead.",
         ),

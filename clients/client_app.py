@@ -208,6 +208,7 @@ def train(msg: Message, context: Context) -> Message:
         return Message(Error(code=NOT_TRAINING, reason=reason), reply_to=msg)
     received = {k: v.detach().clone() for k, v in model.state_dict().items()}
     _local_weights(hospital, model, context)
+    started = time.perf_counter()
 
     if hospital.config.privacy.sample_level:
         ledger = _ledger(context)
@@ -229,6 +230,7 @@ def train(msg: Message, context: Context) -> Message:
         context.state[LEDGER_KEY] = _ledger_record(ledger)
     else:
         result = hospital.train(model, server_round, proximal_mu=_number(config, "proximal-mu", 0.0))
+    train_seconds = time.perf_counter() - started
     status["trained-round"] = server_round
     status["steps"] = result.steps
     outgoing = _keep_local(hospital, model, received, context)
@@ -251,6 +253,7 @@ def train(msg: Message, context: Context) -> Message:
     metrics = MetricRecord(
         {
             "train_loss": result.loss,
+            "train_seconds": train_seconds,
             "steps": result.steps,
             "num-examples": result.num_examples,
             "uniform-weight": 1,
@@ -275,6 +278,8 @@ def evaluate(msg: Message, context: Context) -> Message:
     ``finetune-epochs``, that model fine-tuned here (``finetuned/...``).
     """
     hospital, config, server_round, model = _open(msg, context)
+    if "scenario-step" in config:
+        return _scenario_step(msg, context, hospital, config, server_round, model)
     values: dict[str, float] = {}
     if "cross-model" in config:
         scores, n = hospital.evaluate(model, "test")
@@ -344,3 +349,54 @@ def _privacy_metrics(hospital: Hospital, context: Context, server_round: int) ->
         "privacy_delta": p.delta,
         "privacy_budget_exhausted": int(bool(_int(status, "exhausted-round"))),
     }
+
+
+def _scenario_step(
+    msg: Message, context: Context, hospital: Hospital, config: ConfigRecord, server_round: int,
+    model: torch.nn.Module,
+) -> Message:
+    """One step of the OOD or robustness scenario after the last round (``scenario-step``).
+
+    The model is the one this hospital uses (its own normalisation layers under FedBN, its own
+    model under local-only; the global one at an evaluate-only hospital). What leaves the hospital:
+
+    - ``feature-stats``: the count, sum and sum of outer products (per image class) of its train
+      images' bottleneck features (a D-vector and a D x D matrix; never a feature);
+    - ``ood``: one score per image and method, and one Dice per image, of each image set it scores;
+    - ``robustness``: one mean Dice per perturbation and strength.
+    """
+    from scenarios.ood_eval import stats_from_lists, stats_to_lists
+
+    if hospital.trains:
+        _local_weights(hospital, model, context)
+    step = str(config["scenario-step"])
+    records: dict[str, ArrayRecord | MetricRecord | ConfigRecord] = {}
+    if step == "feature-stats":
+        stats = stats_to_lists(hospital.feature_stats(model))
+        records["stats"] = ConfigRecord(dict(stats.items()))
+    elif step == "ood":
+        prefix = "ood-stats/"
+        shipped = {k[len(prefix):]: config[k] for k in config if k.startswith(prefix)}
+        stats = stats_from_lists(shipped) if shipped else None
+        arrays: dict[str, Array] = {}
+        names, kinds = [], []
+        for name, kind, scored in hospital.ood_scores(model, stats):
+            names.append(name)
+            kinds.append(kind)
+            for method, values in scored.scores.items():
+                arrays[f"{name}::{method}"] = Array(np.ascontiguousarray(values, dtype=np.float64))
+            if scored.dice is not None:
+                arrays[f"{name}::dice"] = Array(np.ascontiguousarray(scored.dice, dtype=np.float64))
+        records["scores"] = ArrayRecord(arrays)
+        records["sets"] = ConfigRecord({"names": names, "kinds": kinds})
+    elif step == "robustness":
+        rows = hospital.robustness(model)
+        records["rows"] = ConfigRecord({
+            "perturbation": [r.perturbation for r in rows], "family": [r.family for r in rows],
+            "strength": [float(r.strength) for r in rows], "unit": [r.unit for r in rows],
+            "dice": [float(r.dice) for r in rows], "n": [int(r.n) for r in rows],
+        })
+    else:
+        return Message(Error(code=0, reason=f"unknown scenario step {step!r}"), reply_to=msg)
+    records["metrics"] = MetricRecord({"site": hospital.site, "server-round": server_round})
+    return Message(content=RecordDict(records), reply_to=msg)

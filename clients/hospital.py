@@ -9,6 +9,7 @@ import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -22,7 +23,12 @@ from sims.evaluation import evaluate_segmentation
 from sims.hospitals import HospitalSpec, WorldSpec, load_hospital
 from sims.model import head_parameter_names, make_model
 from sims.seeding import make_rng, make_torch_generator
-from sims.training import LocalTrainResult, augment_batch, make_loss, train_one_round
+from sims.training import Adversary, LocalTrainResult, augment_batch, make_loss, train_one_round
+
+if TYPE_CHECKING:
+    from scenarios.ood import FeatureStats
+    from scenarios.ood_eval import ScoredImages
+    from scenarios.robustness import RobustnessRow
 
 BatchTransform = Callable[[torch.Tensor, torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.Tensor]]
 
@@ -174,6 +180,20 @@ class Hospital:
 
         return chain
 
+    @property
+    def clip(self) -> tuple[float | None, float | None]:
+        """Intensity range of the model's inputs: magnitudes are >= 0, z-scored images are not."""
+        return (None, None) if self.config.mitigation.standardize == "zscore" else (0.0, None)
+
+    def adversary(self) -> Adversary | None:
+        """Adversarial training's batch transform (``adv-train.*``), or ``None`` when it is off."""
+        a = self.config.adv_train
+        if a.ratio == 0:
+            return None
+        from scenarios.adversarial import make_adversary
+
+        return make_adversary(ratio=a.ratio, eps=a.eps / 255.0, steps=a.steps, clip=self.clip)
+
     def train(self, model: torch.nn.Module, server_round: int, *, proximal_mu: float = 0.0) -> LocalTrainResult:
         """One round of local training on the train split, in place."""
         images, labels = self.training_data()
@@ -189,6 +209,7 @@ class Hospital:
             augment=False,
             transform=self.batch_transform(),
             proximal_mu=proximal_mu,
+            adversary=self.adversary(),
         )
 
     def finetune(self, model: torch.nn.Module) -> LocalTrainResult:
@@ -272,6 +293,7 @@ class Hospital:
             lr=round_lr(t, server_round),
             generator=make_torch_generator(self.config.seed, self.site, server_round, "dp-sgd"),
             transform=self.batch_transform(),
+            adversary=self.adversary(),
         )
         for weight in frozen:
             weight.requires_grad_(True)
@@ -283,3 +305,78 @@ class Hospital:
         images, labels = self.data(split)
         return evaluate_segmentation(model, images, labels, class_names(self.config.world.lesions)), len(images)
 
+    # ------------------------------------------------------------------ scenarios: OOD and robustness
+
+    def standardize(self, images: np.ndarray) -> np.ndarray:
+        """``images`` (as a scanner made them) standardised the way :meth:`data` standardises this
+        hospital's own (``mitigation.standardize``): what the model sees of a corrupted acquisition."""
+        mitigation = self.config.mitigation
+        if mitigation.standardize == "zscore":
+            from scenarios.mitigations import zscore_images
+
+            return zscore_images(images)
+        if mitigation.standardize == "histogram" and self.hist_standard:
+            from scenarios.mitigations import apply_histogram_standardization
+
+            return apply_histogram_standardization(images, self.landmarks(), np.asarray(self.hist_standard))
+        return images
+
+    def feature_stats(self, model: torch.nn.Module) -> FeatureStats:
+        """Sufficient statistics (count, sum, sum of outer products; per image class) of the model's
+        bottleneck features on this hospital's train images: what it shares for Mahalanobis scores."""
+        from scenarios.ood_eval import feature_stats
+
+        images, labels = self.data("train")
+        return feature_stats(model, images, labels, lesion_class=LESION if self.config.world.lesions else None)
+
+    def ood_sets(self) -> list[tuple[str, str, np.ndarray, np.ndarray | None]]:
+        """The image sets this hospital scores: ``(name, kind, images, labels or None)``.
+
+        A training hospital: its test split (``"in"``), its validation split (``"val"``: where the
+        server calibrates the accept threshold) and every generated set of ``ood.sets``,
+        made from its own test acquisitions (then standardised as usual). An evaluate-only
+        hospital: its own test split, an unseen scanner (``unseen-scanner`` near OOD at the
+        training severity, ``scanner-sev<S>`` far OOD at a higher one).
+        """
+        images, labels = self.data("test")
+        if not self.trains:
+            severity = self.role.severity if self.role is not None else self.config.world.scanner_severity
+            if severity <= self.config.world.scanner_severity:
+                return [("unseen-scanner", "near", images, labels)]
+            return [(f"scanner-sev{severity:g}", "far", images, labels)]
+        from scenarios.corruptions import OOD_SETS, make_ood_set
+
+        raw = self.raw_data("test")[0]
+        sets: list[tuple[str, str, np.ndarray, np.ndarray | None]] = [
+            ("in", "in", images, labels), ("val", "val", *self.data("val"))
+        ]
+        for name in self.config.ood.sets:
+            spec = OOD_SETS[name]
+            made = make_ood_set(name, raw, make_rng(self.config.seed, self.site, "ood-set", name))
+            sets.append((name, spec.kind, self.standardize(made), labels if spec.has_labels else None))
+        return sets
+
+    def ood_scores(self, model: torch.nn.Module, stats: FeatureStats | None) -> list[tuple[str, str, ScoredImages]]:
+        """Every OOD score of ``ood.scores`` (and per-image Dice where there are labels) of every set
+        of :meth:`ood_sets`: ``(set name, kind, scored images)``."""
+        from scenarios.ood_eval import score_images
+
+        o = self.config.ood
+        classes = class_names(self.config.world.lesions)
+        return [
+            (name, kind, score_images(model, images, labels, families=o.scores, class_names=classes, stats=stats,
+                                      top_percent=o.top_percent))
+            for name, kind, images, labels in self.ood_sets()
+        ]
+
+    def robustness(self, model: torch.nn.Module) -> list[RobustnessRow]:
+        """Dice on this hospital's test split under every corruption and attack of ``robustness.*``
+        and ``attack.*`` (strength 0 = clean)."""
+        from scenarios.robustness import robustness_curves
+
+        raw = self.raw_data("test")[0]
+        labels = self.data("test")[1]
+        return robustness_curves(
+            model, raw, labels, self.config.robustness, class_names=class_names(self.config.world.lesions),
+            seed=self.config.seed, site=self.site, clip=self.clip, prepare=self.standardize,
+        )

@@ -49,6 +49,10 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
+TIMINGS_CSV = "timings.csv"
+TIMING_SUFFIX = "_seconds"
+
+
 @dataclass
 class RunOutputs:
     """The files of one run. Create with :meth:`create`."""
@@ -85,7 +89,20 @@ class RunOutputs:
         (self.run_dir / "config.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
 
     def add(self, rows: Iterable[MetricRow]) -> None:
-        new = list(rows)
+        """Append rows to ``metrics.csv``; wall-clock times (metrics ending in ``_seconds``: a round's
+        training, a scenario phase) go to ``timings.csv`` instead, so that ``metrics.csv`` stays the
+        same, to the byte, when a run is repeated or resumed."""
+        rows = list(rows)
+        timed = [r for r in rows if r.metric.endswith(TIMING_SUFFIX)]
+        if timed:
+            path = self.run_dir / TIMINGS_CSV
+            fresh = not path.exists()
+            with path.open("a", newline="") as fh:
+                writer = csv.writer(fh)
+                if fresh:
+                    writer.writerow(METRICS_COLUMNS)
+                writer.writerows([r.round, r.site, r.split, r.metric, repr(float(r.value))] for r in timed)
+        new = [r for r in rows if not r.metric.endswith(TIMING_SUFFIX)]
         self._rows.extend(new)
         with (self.run_dir / "metrics.csv").open("a", newline="") as fh:
             writer = csv.writer(fh)

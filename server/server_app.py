@@ -13,13 +13,14 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from server.checkpointing import ServerCheckpointer, key_root, server_keyring, source_key_root
-from server.driver import run_rounds
+from server.driver import Ask, run_rounds
 from server.evaluation import GlobalEvaluator
 from server.failures import FailureLog
 from server.outputs import RunOutputs
 from server.preflight import preflight
 from server.pretraining import pretrain_on_public_data
 from server.privacy_log import PrivacyLog
+from server.scenario_phase import ScenarioPhase
 from server.shift import ShiftCoordinator
 from server.site_metrics import SiteMetrics
 from server.strategies import make_strategy
@@ -90,6 +91,13 @@ def main(grid: Grid, context: Context) -> None:
         config, make_model(len(classes), config.train.unet_channels, norm=config.train.norm), outputs.add
     )
     shift.attach(strategy, site_metrics, outputs.add, resumed=resume is not None, run_dir=outputs.run_dir)
+    scenario_phase = ScenarioPhase(
+        config, outputs.run_dir, outputs.add, trainers=list(shift.trainers), evaluators=[r.site for r in shift.roles]
+    )
+
+    def after_evaluate(server_round: int, current: ArrayRecord, ask: Ask) -> None:
+        shift.after_evaluate(server_round, current, ask)
+        scenario_phase.after_evaluate(server_round, current, ask)
 
     # Keys: this run's own (configured, or run-local in its folder); a resume reads the
     # source run's with the source run's keys (see server/checkpointing.py).
@@ -152,7 +160,7 @@ def main(grid: Grid, context: Context) -> None:
         before_round=privacy_log.before_round,
         train_sites=shift.train_sites,
         evaluate_sites=shift.evaluate_sites,
-        after_evaluate=shift.after_evaluate,
+        after_evaluate=after_evaluate,
         on_roll_call=shift.on_roll_call,
         message_sink=outputs.log_messages,
     )

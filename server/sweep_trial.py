@@ -63,6 +63,9 @@ def node_info() -> dict[str, Any]:
     return info
 
 
+SCENARIO_TABLES = ("ood.csv", "robustness.csv", "timings.csv")
+
+
 def _rows(path: Path) -> list[list[str]]:
     """A CSV file's rows (header first), or [] when the run did not write it."""
     try:
@@ -194,6 +197,10 @@ def run_trial(payload: Mapping[str, Any], cancel: threading.Event | None = None)
         base["config"] = _json(result.run_dir / "config.json")
         base["metrics"] = _rows(result.run_dir / "metrics.csv")
         base["privacy"] = _rows(result.run_dir / "privacy.csv")
+        # The scenarios' own tables (small), and wall-clock timings, for the sweep report.
+        base["tables"] = {
+            name: rows for name in SCENARIO_TABLES if (rows := _rows(result.run_dir / name))
+        }
     if result.exit_code == EXIT_OK:
         return ended(STATUS_COMPLETED, 0, None)
     if result.exit_code == EXIT_TIMEOUT:

@@ -802,9 +802,10 @@ def _scenario_blocks(run: Path, metrics: pd.DataFrame) -> list[_Block]:
 
     Imported here, not at the top: the scenarios build on this module's blocks and renderers.
     """
-    from scenarios.domain_shift_report import run_section
+    from scenarios import domain_shift_report, ood_report, robustness_report
 
-    return run_section(run, metrics)
+    sections = (domain_shift_report, robustness_report, ood_report)
+    return [block for section in sections for block in section.run_section(run, metrics)]
 
 
 def _report_blocks(

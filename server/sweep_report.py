@@ -51,7 +51,7 @@ from privacy.report import (
     _render_markdown,
     _Table,
 )
-from scenarios.domain_shift_report import SWEEP_FIGURES, sweep_section
+from scenarios import domain_shift_report, ood_report, robustness_report
 from server.sweep_results import (
     COMPLETED,
     NOT_REPORTED,
@@ -109,7 +109,9 @@ def build_sweep_report(sweep_dir: str | Path) -> tuple[Path, Path]:
     """
     data = read_sweep_folder(sweep_dir)
     blocks = _report_blocks(data)
-    for name in (DICE_EPSILON_PNG, DICE_ROUNDS_PNG, *SWEEP_FIGURES):  # an earlier build's plot may not apply now
+    scenarios = (domain_shift_report, robustness_report, ood_report)
+    scenario_figures = [name for scenario in scenarios for name in scenario.SWEEP_FIGURES]
+    for name in (DICE_EPSILON_PNG, DICE_ROUNDS_PNG, *scenario_figures):  # an earlier build's plot may not apply now
         (data.sweep_dir / name).unlink(missing_ok=True)
     for block in blocks:
         if isinstance(block, _Figure):
@@ -184,7 +186,8 @@ def _report_blocks(data: SweepData) -> list[_Block | _LogTail]:
     blocks += _cell_blocks(data, cells)
     blocks += _dice_epsilon_blocks(data, cells)
     blocks += _rounds_blocks(data, trials, cells)
-    blocks += sweep_section(data.sweep_dir, data.trials, data.results, data.seed_key)
+    for scenario in (domain_shift_report, robustness_report, ood_report):
+        blocks += scenario.sweep_section(data.sweep_dir, data.trials, data.results, data.seed_key)
     blocks += _trial_blocks(data, trials)
     blocks += _failure_blocks(data, trials)
     return blocks

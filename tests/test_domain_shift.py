@@ -39,25 +39,40 @@ def _frame(run: Path, name: str) -> pd.DataFrame:
     return pd.read_csv(run / name, dtype={"site": str})
 
 
-@pytest.mark.e2e
-def test_every_strategy_and_mitigation_runs_and_fedbn_keeps_its_layers_local(tmp_path: Path) -> None:
-    # (That a resume restores FedBN's layers bit for bit: tests/clients/test_local_weights.py;
-    # that a resumed run equals an uninterrupted one: tests/test_end_to_end.py.)
+# The OOD and robustness scenarios and adversarial training ride on the same runs (each run costs
+# ~20 s of start-up): FedBN without DP trains adversarially and runs both scenarios; local-only
+# with DP-SGD trains adversarially and runs the robustness curves on z-scored images.
+SCENARIOS = (
+    "adv-train.ratio=0.5 adv-train.steps=1 ood.scores='all' robustness.noise='0,0.05' robustness.rotation='0,10' "
+    "attack.kinds='all' attack.eps='0,4' attack.l2-eps='0,0.5' attack.steps=2"
+)
+DP_ADVERSARIAL = "adv-train.ratio=0.5 adv-train.steps=2 robustness.blur='0,1' attack.kinds='fgsm' attack.eps='0,4'"
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    tmp_path = tmp_path_factory.mktemp("domain_shift")
     before = _flower_processes()
     cache = f"cache-dir='{tmp_path / 'cache'}'"
     out = {name: tmp_path / name for name in ("fedbn", "local", "pooled")}
-    fedbn = ["--hospitals", "5", "-c", f"{TINY} {FEDBN} {cache}"]
+    fedbn = ["--hospitals", "5", "-c", f"{TINY} {FEDBN} {SCENARIOS} {cache}"]
     runs = {
         "fedbn": _start(*fedbn, "-c", f"output-dir='{out['fedbn']}'", log=tmp_path / "fedbn.log"),
-        "local": _start("--hospitals", "3", "-c", f"{TINY} {LOCAL} {cache} output-dir='{out['local']}'",
+        "local": _start("--hospitals", "3", "-c", f"{TINY} {LOCAL} {DP_ADVERSARIAL} {cache} output-dir='{out['local']}'",
                         log=tmp_path / "local.log"),
         "pooled": _start("--hospitals", "3", "-c", f"{TINY} {POOLED} {cache} output-dir='{out['pooled']}'",
                          log=tmp_path / "pooled.log"),
     }
     for proc in runs.values():
         _finish(proc)
-    run = {name: (path / "latest").resolve() for name, path in out.items()}
+    assert _flower_processes() <= before
+    return {name: (path / "latest").resolve() for name, path in out.items()}
 
+
+@pytest.mark.e2e
+def test_every_strategy_and_mitigation_runs_and_fedbn_keeps_its_layers_local(run: dict[str, Path]) -> None:
+    # (That a resume restores FedBN's layers bit for bit: tests/clients/test_local_weights.py;
+    # that a resumed run equals an uninterrupted one: tests/test_end_to_end.py.)
     # --- FedBN with every mitigation, a late joiner and a noisy annotator ------------------
     messages = _frame(run["fedbn"], "messages.csv")
     trained = messages[messages["message_type"] == "train"]
@@ -116,4 +131,63 @@ def test_every_strategy_and_mitigation_runs_and_fedbn_keeps_its_layers_local(tmp
     rows = _frame(run["pooled"], "metrics.csv")
     assert rows.query("split == 'train'")["site"].tolist() == ["pooled"]
     assert np.isfinite(rows.query("split == 'unseen'")["value"]).all()
-    assert _flower_processes() <= before
+
+
+def _final_test_dice(run_dir: Path) -> pd.Series:
+    metrics = _frame(run_dir, "metrics.csv")
+    rows = metrics[(metrics["round"] == metrics["round"].max()) & (metrics["split"] == "test")]
+    return rows[rows["metric"] == "dice_mean"].set_index("site")["value"]
+
+
+@pytest.mark.e2e
+def test_ood_robustness_and_adversarial_training_run_end_to_end(run: dict[str, Path]) -> None:
+    fedbn, local = run["fedbn"], run["local"]
+    # --- What was asked of whom: statistics from the training hospitals, scores from everyone ---
+    messages = _frame(fedbn, "messages.csv")
+    asked = {phase: sorted(set(rows["site"])) for phase, rows in messages.groupby("phase")}
+    assert asked["ood-stats"] == ["0", "1", "2"] and asked["robustness"] == ["0", "1", "2"]
+    assert asked["ood"] == ["0", "1", "2", "3", "4"]
+
+    # --- OOD: every set and method, metrics in range; per-image Dice is the hospital's own -------
+    table = _frame(fedbn, "ood.csv")
+    assert set(table["ood_set"]) == {
+        "noise", "blur", "strong-noise", "strong-blur", "motion", "inverted", "ct-like", "shapes", "phantom",
+        "scanner-sev2", "near-mixed",
+    }
+    assert table["method"].nunique() == 9
+    auroc = table.query("metric == 'auroc'")["value"]
+    assert len(auroc) == 11 * 9 and auroc.between(0, 1).all()
+    assert table.query("ood_set == 'shapes' and metric == 'dice_accepted'").empty  # no labels, no Dice
+    scores = _frame(fedbn, "ood_scores.csv")
+    assert set(scores.query("ood_set == 'scanner-sev2'")["site"]) == {"3", "4"}
+    assert set(scores.query("ood_set == 'in'")["site"]) == {"0", "1", "2"}
+    assert scores.query("ood_set == 'shapes'")["dice"].isna().all()
+    dice_in = scores.query("ood_set == 'in' and method == 'energy/foreground'").groupby("site")["dice"].mean()
+    final = _final_test_dice(fedbn)
+    for site in ("0", "1", "2"):  # the same model (its own BatchNorm layers under FedBN), the same images
+        assert dice_in[site] == pytest.approx(final[site], abs=1e-6)
+
+    # --- Robustness: strength 0 and eps 0 are the clean test Dice, for every perturbation -------
+    for run_dir, perturbations in ((fedbn, 5), (local, 2)):
+        curves = _frame(run_dir, "robustness.csv")
+        assert curves["perturbation"].nunique() == perturbations
+        clean = curves[curves["strength"] == 0].set_index(["site", "perturbation"])["value"]
+        final = _final_test_dice(run_dir)
+        for (site, _), value in clean.items():
+            if site != "all":
+                assert value == pytest.approx(final[site], abs=1e-6)
+        assert set(curves["site"]) == ({"0", "1", "2", "all"} if run_dir == fedbn else {"0", "1", "all"})
+        for _, rows in curves.groupby(["perturbation", "strength"]):  # "all": the patient-weighted mean
+            sites = rows[rows["site"] != "all"]
+            pooled = rows[rows["site"] == "all"]["value"].item()
+            assert pooled == pytest.approx((sites["value"] * sites["n"]).sum() / sites["n"].sum())
+
+    # --- Adversarial training under DP-SGD: the accounting is the plan's, the budget holds -------
+    privacy = _frame(local, "privacy.csv")
+    hospitals = privacy[privacy["site"].str.isdigit()]
+    assert 0 < hospitals["epsilon_rdp"].max() <= 8.0
+    timings = _frame(local, "timings.csv")
+    assert set(timings.query("metric == 'train_seconds' and site != 'global'")["site"]) == {"0", "1"}
+    assert {"ood_seconds", "robustness_seconds"} <= set(_frame(fedbn, "timings.csv")["metric"])
+    report = (fedbn / "privacy_report.html").read_text()
+    assert "Out-of-distribution detection" in report and "Robustness" in report

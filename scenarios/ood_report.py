@@ -32,6 +32,7 @@ from scenarios.domain_shift_report import _mean_std, _num
 from scenarios.domain_shift_tables import over_seeds, read_config
 from scenarios.ood import selective_dice
 from scenarios.robustness_report import (
+    load_timings,
     read_table,
     scenario_seconds,
     tidy_frame,
@@ -172,6 +173,7 @@ def run_section(run_dir: str | Path, metrics: pd.DataFrame) -> list[_Block]:
         return []
     ood = tidy_frame(read_table(run / OOD_CSV), OOD_COLUMNS, ("value",), str(run / OOD_CSV))
     scores = load_scores(run)
+    metrics = pd.concat([metrics, load_timings(run)], ignore_index=True)
     record = read_config(run) if (run / CONFIG_JSON).is_file() else {}
     config: dict[str, Any] = record["config"] if isinstance(record.get("config"), dict) else {}
     settings: dict[str, Any] = config["ood"] if isinstance(config.get("ood"), dict) else {}

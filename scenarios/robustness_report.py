@@ -180,6 +180,28 @@ def trial_tables(
     return out
 
 
+TIMINGS_CSV = "timings.csv"
+_TIMING_COLUMNS = ("round", "site", "split", "metric", "value")
+
+
+def load_timings(run: Path) -> pd.DataFrame:
+    """``RUN/timings.csv`` (wall-clock seconds, columns of ``metrics.csv``; kept apart from it so
+    that ``metrics.csv`` repeats to the byte), or an empty frame when the run has none."""
+    path = run / TIMINGS_CSV
+    if not path.is_file():
+        return pd.DataFrame(columns=list(_TIMING_COLUMNS))
+    return tidy_frame(read_table(path), _TIMING_COLUMNS, ("round", "value"), str(path))
+
+
+def trial_timings(trials: Mapping[str, Mapping[str, Any]]) -> pd.DataFrame:
+    """Every completed trial's ``timings.csv`` (``record["tables"]``), with a ``trial`` column."""
+    parts = [
+        frame.assign(trial=trial)
+        for trial, frame in trial_tables(trials, TIMINGS_CSV, _TIMING_COLUMNS, ("round", "value")).items()
+    ]
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=["trial", *_TIMING_COLUMNS])
+
+
 def load_robustness(run: Path) -> pd.DataFrame:
     """``RUN/robustness.csv``, checked and typed (:func:`tidy_frame`)."""
     path = run / ROBUSTNESS_CSV
@@ -363,6 +385,7 @@ def run_section(run_dir: str | Path, metrics: pd.DataFrame) -> list[_Block]:
     if not (run / ROBUSTNESS_CSV).is_file():
         return []
     rows = load_robustness(run)
+    metrics = pd.concat([metrics, load_timings(run)], ignore_index=True)
     record = read_config(run) if (run / CONFIG_JSON).is_file() else {}
     setting = setting_of(_section(record, "config"))
     blocks: list[_Block] = [_Heading(2, HEADING)]
@@ -455,7 +478,7 @@ def sweep_section(
     ]
     tidy = pd.concat(parts, ignore_index=True)[["trial", "setting", "seed", *ROBUSTNESS_COLUMNS]]
     tidy.to_csv(Path(sweep_dir) / ROBUSTNESS_CSV, index=False, lineterminator="\n")
-    per_trial = sweep_values(tables, labels, results)
+    per_trial = sweep_values(tables, labels, pd.concat([results, trial_timings(trials)], ignore_index=True))
     stats = over_seeds(per_trial, _SWEEP_VALUES).set_index("setting", drop=False)
     noise_std = _shared(per_trial["noise_strength"])
     eps = _shared(pd.concat([per_trial["pgd_strength"], per_trial["fgsm_strength"]]))

@@ -95,7 +95,8 @@ def ood_run(root: Path, *, with_scores: bool = True) -> Path:
     run = root / "run"
     run.mkdir(parents=True)
     (run / "config.json").write_text(json.dumps({"config": config(), "seed": 1}))
-    write_csv(run / "metrics.csv", [["round", "site", "split", "metric", "value"], [1, "0", "test", "dice_mean", 0.8],
+    write_csv(run / "metrics.csv", [["round", "site", "split", "metric", "value"], [1, "0", "test", "dice_mean", 0.8]])
+    write_csv(run / "timings.csv", [["round", "site", "split", "metric", "value"],
                                     [1, "server", "scenario", "ood_seconds", 3.25]])  # fmt: skip
     write_csv(run / OOD_SCORES_CSV, scores_rows())
     write_csv(run / OOD_CSV, ood_rows(pd.read_csv(run / OOD_SCORES_CSV, dtype={"site": str})))

@@ -372,8 +372,8 @@ def _scenario_step(
     step = str(config["scenario-step"])
     records: dict[str, ArrayRecord | MetricRecord | ConfigRecord] = {}
     if step == "feature-stats":
-        stats = stats_to_lists(hospital.feature_stats(model))
-        records["stats"] = ConfigRecord(dict(stats.items()))
+        lists = stats_to_lists(hospital.feature_stats(model))
+        records["stats"] = ConfigRecord(dict(lists.items()))
     elif step == "ood":
         prefix = "ood-stats/"
         shipped = {k[len(prefix):]: config[k] for k in config if k.startswith(prefix)}

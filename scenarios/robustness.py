@@ -109,15 +109,15 @@ def robustness_curves(
                 generator = make_torch_generator(seed, site, "attack", kind, i)
                 parts = []
                 for start in range(0, len(clean), batch_size):
-                    x = torch.from_numpy(np.ascontiguousarray(clean[start : start + batch_size]))
-                    y = torch.from_numpy(np.ascontiguousarray(labels[start : start + batch_size])).long()
+                    xb = torch.from_numpy(np.ascontiguousarray(clean[start : start + batch_size]))
+                    yb = torch.from_numpy(np.ascontiguousarray(labels[start : start + batch_size])).long()
                     if kind == "fgsm":
-                        adv = fgsm(model, x, y, eps=eps, clip=clip)
+                        adv = fgsm(model, xb, yb, eps=eps, clip=clip)
                     else:
                         adv = pgd(
                             model,
-                            x,
-                            y,
+                            xb,
+                            yb,
                             eps=eps,
                             steps=spec.attack_steps,
                             step_size=max(spec.attack_step_fraction * eps, 1e-12),

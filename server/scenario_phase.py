@@ -97,7 +97,9 @@ class ScenarioPhase:
             site = int(reply.content.metric_records["metrics"]["site"])  # type: ignore[arg-type]
             sets = reply.content.config_records["sets"]
             scores = reply.content.array_records["scores"]
-            for name, kind in zip(sets["names"], sets["kinds"], strict=True):  # type: ignore[arg-type]
+            names: list[str] = [str(n) for n in sets["names"]]  # type: ignore[union-attr]
+            kinds: list[str] = [str(k) for k in sets["kinds"]]  # type: ignore[union-attr]
+            for name, kind in zip(names, kinds, strict=True):
                 dice_key = f"{name}::dice"
                 dice = scores[dice_key].numpy() if dice_key in scores else None
                 for key in scores:
@@ -139,7 +141,7 @@ class ScenarioPhase:
             site = int(reply.content.metric_records["metrics"]["site"])  # type: ignore[arg-type]
             got = reply.content.config_records["rows"]
             columns = ("perturbation", "family", "strength", "unit", "dice", "n")
-            for values in zip(*(got[c] for c in columns), strict=True):  # type: ignore[call-overload]
+            for values in zip(*(list(got[c]) for c in columns), strict=True):  # type: ignore[arg-type]
                 record = dict(zip(columns, values, strict=True))
                 rows.append(
                     {

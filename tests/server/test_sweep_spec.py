@@ -186,7 +186,10 @@ def test_shipped_sweeps_are_valid() -> None:
     sizes = {}
     for path in sorted((ROOT / "sweeps").glob("*.toml")):
         sizes[path.stem] = len(load_sweep(path, project=ROOT).trials)
-    assert sizes == {"dp_batch_size": 8, "fedbn_followup": 8, "privacy_utility": 16, "strategies": 18, "tta_followup": 4}
+    assert sizes == {
+        "adv_train_followup": 6, "dp_batch_size": 8, "fedbn_followup": 8, "privacy_utility": 16, "strategies": 18,
+        "tta_followup": 4,
+    }
 
 
 SCENARIO = '# Strong FedProx\nscenario = "strong_prox"\nstrategy = "fedprox"\nproximal-mu = 0.5\nseed = 7\n'

@@ -154,9 +154,9 @@ def test_ood_robustness_and_adversarial_training_run_end_to_end(run: dict[str, P
         "noise", "blur", "strong-noise", "strong-blur", "motion", "inverted", "ct-like", "shapes", "phantom",
         "scanner-sev2", "near-mixed",
     }
-    assert table["method"].nunique() == 9
+    assert table["method"].nunique() == 10
     auroc = table.query("metric == 'auroc'")["value"]
-    assert len(auroc) == 11 * 9 and auroc.between(0, 1).all()
+    assert len(auroc) == 11 * 10 and auroc.between(0, 1).all()
     assert table.query("ood_set == 'shapes' and metric == 'dice_accepted'").empty  # no labels, no Dice
     scores = _frame(fedbn, "ood_scores.csv")
     assert set(scores.query("ood_set == 'scanner-sev2'")["site"]) == {"3", "4"}

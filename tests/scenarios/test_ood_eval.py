@@ -14,6 +14,8 @@ from scenarios.ood_eval import (
     SCORE_FAMILIES,
     bottleneck,
     feature_stats,
+    block_stats,
+    feature_blocks,
     image_features_and_logits,
     methods_for,
     score_images,
@@ -82,7 +84,10 @@ def test_bottleneck_is_the_deepest_block_and_gives_the_last_channel_count(channe
     handle.remove()
     coarsest = side // 2 ** (len(channels) - 1)
     assert shapes == [(3, channels[-1], coarsest, coarsest)]
-    assert features.shape == (3, channels[-1]) and features.dtype == np.float64
+    assert features.shape == (3, channels[-1] + 2 * channels[0]) and features.dtype == np.float64
+    assert feature_blocks(model) == {
+        "bottleneck": slice(0, channels[-1]), "early": slice(channels[-1], channels[-1] + 2 * channels[0])
+    }
     assert logits.shape == (3, 3, side, side)
 
 
@@ -96,7 +101,9 @@ def test_features_equal_a_manual_forward_pass_pooled_and_are_deterministic(
     with torch.no_grad():
         x = torch.from_numpy(images)
         bottom = levels[1].submodule[1].submodule(levels[1].submodule[0](levels[0](x)))
-        expected = bottom.mean(dim=(2, 3)).double().numpy()
+        early = levels[0].conv(x)  # the first convolution, before its normalisation
+        expected = torch.cat([bottom.mean(dim=(2, 3)), early.mean(dim=(2, 3)), early.std(dim=(2, 3))], 1)
+        expected = expected.double().numpy()
         expected_logits = model(x).numpy()
 
     # Execute
@@ -226,16 +233,25 @@ def test_mahalanobis_scores_use_global_and_class_statistics(
     )
 
     # Assert
-    assert tuple(scored.scores) == ("mahalanobis/global", "mahalanobis/class")
-    global_stats = FeatureStats.from_features(image_features_and_logits(model, train_images)[0])
+    assert tuple(scored.scores) == ("mahalanobis/global", "mahalanobis/class", "mahalanobis/early")
+    blocks = feature_blocks(model)
+    deep, early = blocks["bottleneck"], blocks["early"]
+    train_features = image_features_and_logits(model, train_images)[0]
+    global_stats = FeatureStats.from_features(train_features[:, deep])
     np.testing.assert_allclose(
-        scored.scores["mahalanobis/global"], mahalanobis_score(scored.features, global_stats), rtol=1e-9
+        scored.scores["mahalanobis/global"], mahalanobis_score(scored.features[:, deep], global_stats), rtol=1e-9
     )
-    np.testing.assert_array_equal(
-        scored.scores["mahalanobis/class"], mahalanobis_score(scored.features, stats)
+    np.testing.assert_allclose(
+        scored.scores["mahalanobis/class"], mahalanobis_score(scored.features[:, deep], block_stats(stats, deep)),
+        rtol=1e-12,
+    )
+    np.testing.assert_allclose(
+        scored.scores["mahalanobis/early"],
+        mahalanobis_score(scored.features[:, early], FeatureStats.from_features(train_features[:, early])),
+        rtol=1e-6,
     )
     assert not np.allclose(scored.scores["mahalanobis/class"], scored.scores["mahalanobis/global"])
-    assert tuple(lesion_free.scores) == ("mahalanobis/global",)  # no classes, no class-conditional score
+    assert tuple(lesion_free.scores) == ("mahalanobis/global", "mahalanobis/early")  # no classes, no class-conditional score
     np.testing.assert_allclose(
         lesion_free.scores["mahalanobis/global"], scored.scores["mahalanobis/global"], rtol=1e-9
     )

@@ -12,10 +12,10 @@ from scenarios.ood import FeatureStats, energy_score, entropy_score, mahalanobis
 from scenarios.ood_eval import (
     METHODS,
     SCORE_FAMILIES,
-    bottleneck,
-    feature_stats,
     block_stats,
+    bottleneck,
     feature_blocks,
+    feature_stats,
     image_features_and_logits,
     methods_for,
     score_images,

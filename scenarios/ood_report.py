@@ -260,8 +260,9 @@ def _what_left(scores: pd.DataFrame | None, methods: list[str], seconds: float) 
         counts = ", ".join(f"h{s}: {n}" for s, n in sorted(images.items(), key=lambda i: (len(i[0]), i[0])))
         text += f" ({counts} images, in `{OOD_SCORES_CSV}`)"
     if any(m.startswith("mahalanobis") for m in methods):
-        text += ("; for the Mahalanobis score, only the count, the sum and the sum of outer products of its training "
-                 "images' bottleneck features (per class for `mahalanobis/class`), never a feature vector")  # fmt: skip
+        text += ("; for the Mahalanobis scores, only the count, the sum and the sum of outer products (per image "
+                 "class) of its training images' features (the bottleneck's mean and the first convolution's "
+                 "per-channel mean and standard deviation, one vector per image), never a feature vector")  # fmt: skip
     text += "."
     if not math.isnan(seconds):
         text += f" The OOD phase took {seconds:.1f} s."

@@ -67,6 +67,7 @@ SWEEP_FIGURES: tuple[str, ...] = ()
 HEADING = "Out-of-distribution detection"
 IN = "in"
 MIXED = "near-mixed"
+_METHODS_PER_TABLE = 5
 FAR_AUROC, NEAR_AUROC, DICE_GAP = 0.99, 0.90, 0.02
 """Targets: every far set's and every near set's best AUROC at least these; every near set's Dice gap at most."""
 _SELECTIVE = ("dice_in", "dice_mixed", "dice_accepted", "coverage", "dice_gap")
@@ -193,16 +194,21 @@ def run_section(run_dir: str | Path, metrics: pd.DataFrame) -> list[_Block]:
         )
     )
     methods = [c for c in table.columns if c != "kind"]
-    rows = []
-    for ood_set, row in table.iterrows():
-        method = best.get(str(ood_set))
-        cells = [("**" + _num(row[m]) + "**") if m == method else _num(row[m]) for m in methods]
-        rows.append((str(ood_set), str(row["kind"]), *cells, method or "n/a",
+    # At most _METHODS_PER_TABLE methods side by side (ten do not fit a page); the last table adds the best.
+    groups = [methods[i : i + _METHODS_PER_TABLE] for i in range(0, len(methods), _METHODS_PER_TABLE)]
+    for number, group in enumerate(groups):
+        last = number == len(groups) - 1
+        rows = []
+        for ood_set, row in table.iterrows():
+            method = best.get(str(ood_set))
+            cells = [("**" + _num(row[m]) + "**") if m == method else _num(row[m]) for m in group]
+            extra = (method or "n/a",
                      _num(_value(ood, str(ood_set), method, "aupr")) if method else "n/a",
-                     _num(_value(ood, str(ood_set), method, "fpr_at_tpr")) if method else "n/a"))  # fmt: skip
-    header = ("OOD set", "kind", *(m.replace("/", " / ") for m in methods), "best", "AUPR (best)",
-              f"FPR at {tpr:.0%} TPR (best)")  # fmt: skip
-    blocks.append(_Table(header, tuple(rows)))
+                     _num(_value(ood, str(ood_set), method, "fpr_at_tpr")) if method else "n/a") if last else ()  # fmt: skip
+            rows.append((str(ood_set), str(row["kind"]), *cells, *extra))
+        header = ("OOD set", "kind", *(m.replace("/", " / ") for m in group),
+                  *(("best", "AUPR (best)", f"FPR at {tpr:.0%} TPR (best)") if last else ()))  # fmt: skip
+        blocks.append(_Table(header, tuple(rows)))
     mean = table[methods].mean(axis=0, skipna=True)
     if mean.notna().any():
         blocks.append(_Paragraph(
@@ -306,10 +312,13 @@ def _coverage_figure(
     method = best.get(MIXED)
     if method is None:
         return None
-    chosen = scores[scores["ood_set"].isin((IN, MIXED)) & (scores["method"] == method)].dropna(
+    # The mixed set: in-distribution test images and every near-OOD image with labels (ood_scores.csv
+    # holds each near set under its own name; "near-mixed" is their union).
+    near = ((scores["kind"] == "near") | (scores["ood_set"] == MIXED)) & scores["dice"].notna()
+    chosen = scores[((scores["ood_set"] == IN) | near) & (scores["method"] == method)].dropna(
         subset=["score", "dice"]
     )
-    if chosen.empty or not (chosen["ood_set"] == MIXED).any():
+    if chosen.empty or not (chosen["ood_set"] != IN).any():
         return None
     dice = chosen["dice"].to_numpy(dtype=float).clip(0.0, 1.0)
     coverages = np.arange(1, len(chosen) + 1) / len(chosen)

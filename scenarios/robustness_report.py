@@ -25,6 +25,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import textwrap
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -644,7 +645,10 @@ def _sweep_figure(
             if adversarial.get(name):
                 bar.set_hatch("//")
     right.set_xticks(x)
-    right.set_xticklabels([n.replace(" + ", "\n+ ") for n in names], fontsize=7)
+    # One line per "+ part", each wrapped at ~22 characters: five settings side by side stay apart.
+    right.set_xticklabels(
+        ["\n".join(textwrap.fill(p, 22) for p in n.replace(" + ", "\n+ ").split("\n")) for n in names], fontsize=7
+    )
     right.set_ylabel("Dice (all hospitals)")
     right.set_ylim(0.0, 1.0)
     right.grid(True, axis="y", alpha=0.3)

@@ -182,8 +182,9 @@ class Hospital:
 
     @property
     def clip(self) -> tuple[float | None, float | None]:
-        """Intensity range of the model's inputs: magnitudes are >= 0, z-scored images are not."""
-        return (None, None) if self.config.mitigation.standardize == "zscore" else (0.0, None)
+        """Intensity range of the model's inputs: raw magnitudes are >= 0; standardised images
+        (z-score, histogram standardisation's piecewise-linear map) may be negative."""
+        return (0.0, None) if self.config.mitigation.standardize == "none" else (None, None)
 
     def adversary(self) -> Adversary | None:
         """Adversarial training's batch transform (``adv-train.*``), or ``None`` when it is off."""

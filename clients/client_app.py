@@ -361,7 +361,7 @@ def _scenario_step(
     model under local-only; the global one at an evaluate-only hospital). What leaves the hospital:
 
     - ``feature-stats``: the count, sum and sum of outer products (per image class) of its train
-      images' bottleneck features (a D-vector and a D x D matrix; never a feature);
+      images' features (bottleneck and early-layer statistics: a D-vector and a D x D matrix; never a feature);
     - ``ood``: one score per image and method, and one Dice per image, of each image set it scores;
     - ``robustness``: one mean Dice per perturbation and strength.
     """

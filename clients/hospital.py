@@ -324,7 +324,7 @@ class Hospital:
 
     def feature_stats(self, model: torch.nn.Module) -> FeatureStats:
         """Sufficient statistics (count, sum, sum of outer products; per image class) of the model's
-        bottleneck features on this hospital's train images: what it shares for Mahalanobis scores."""
+        features (scenarios.ood_eval.feature_blocks) on this hospital's train images: what it shares for Mahalanobis scores."""
         from scenarios.ood_eval import feature_stats
 
         images, labels = self.data("train")

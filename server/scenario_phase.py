@@ -4,7 +4,7 @@ After the last round's evaluation the server asks the hospitals, through the rou
 ``ask`` (EVALUATE messages with a ``scenario-step``):
 
 1. ``feature-stats`` (with a Mahalanobis score): every training hospital sends the count, sum
-   and sum of outer products of its train images' bottleneck features; the server adds them up
+   and sum of outer products of its train images' features (scenarios.ood_eval.feature_blocks); the server adds them up
    (:meth:`scenarios.ood.FeatureStats.merge`, equal to the pooled statistics);
 2. ``ood``: every hospital scores its image sets with the final model (the merged statistics
    travel in the request) and sends one score per image and method, and each image's Dice;

@@ -179,7 +179,7 @@ def _is_level(module: object) -> TypeGuard[torch.nn.Sequential]:
     )
 
 
-def first_conv(model: torch.nn.Module) -> torch.nn.Module:
+def first_conv(model: torch.nn.Module) -> torch.nn.Conv2d:
     """The U-Net's first convolution (before its normalisation): what the image's low-level statistics
     (noise, blur, contrast) reach before instance normalisation removes them."""
     levels: Any = model

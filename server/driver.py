@@ -255,6 +255,7 @@ def run_rounds(
     after_evaluate: Callable[[int, ArrayRecord, Ask], None] | None = None,
     on_roll_call: Callable[[dict[int, MetricRecord]], None] | None = None,
     message_sink: MessageSink | None = None,
+    after_last: Callable[[int, ArrayRecord, Ask], None] | None = None,
 ) -> ArrayRecord:
     """Run rounds ``first_round..num_rounds`` (or up to ``stop_after``); return the arrays.
 
@@ -269,6 +270,9 @@ def run_rounds(
     only their nodes. ``after_evaluate(r, arrays, ask)`` runs after the strategy's evaluation:
     it may ``ask`` any hospital to evaluate any arrays (evaluate-only hospitals, site-by-site
     evaluation). ``on_roll_call`` hears every hospital's roll-call reply (``{hospital: record}``).
+    ``after_last(num_rounds, arrays, ask)`` runs once the federation has its final model: after
+    round ``num_rounds``, whether this run trained it or resumed from its checkpoint (a resume from
+    the last round trains nothing and only runs this); not when the run stopped before it.
     A strategy that trains at the server (``trains_at_server``) sends no train message; its
     ``aggregate_train`` trains.
 
@@ -304,6 +308,7 @@ def run_rounds(
         drain(grid, result.pending, timeout=round_timeout + 60)
         return result.usable
 
+    last_round = first_round - 1  # the last round whose model `arrays` is
     if first_round == 1 and evaluate_fn is not None:
         log(INFO, "Initial global evaluation results: %s", evaluate_fn(0, arrays))
     for server_round in range(first_round, num_rounds + 1):
@@ -361,9 +366,13 @@ def run_rounds(
             log(INFO, "Global evaluation")
             log(INFO, "\t└──> MetricRecord: %s", evaluate_fn(server_round, arrays))
         after_round(server_round, arrays)
+        last_round = server_round
         if stop_after and server_round >= stop_after:
             log(INFO, "fedscan: stopping after round %d (checkpoint.stop-after)", server_round)
             break
+    if after_last is not None and last_round == num_rounds:
+        server_round, config = num_rounds, round_config(num_rounds)  # what `ask` sends
+        after_last(num_rounds, arrays, ask)
     log(INFO, "")
     log(INFO, "Strategy execution finished in %.2fs", time.time() - started)
     return arrays

@@ -1,7 +1,9 @@
 """The OOD and robustness scenarios' phase after the last round (``ood.*``, ``robustness.*``, ``attack.*``).
 
-After the last round's evaluation the server asks the hospitals, through the round loop's
-``ask`` (EVALUATE messages with a ``scenario-step``):
+Once the federation has its final model — after the last round, or, on a resume from the last
+round's checkpoint, straight after the roll call (the scenarios on a trained model, without
+training) — the server asks the hospitals, through the round loop's ``ask`` (EVALUATE messages
+with a ``scenario-step``):
 
 1. ``feature-stats`` (with a Mahalanobis score): every training hospital sends the count, sum
    and sum of outer products of its train images' features (scenarios.ood_eval.feature_blocks); the server adds them up
@@ -58,8 +60,9 @@ class ScenarioPhase:
     def wanted(self) -> bool:
         return bool(self.config.ood.scores) or self.config.robustness.enabled
 
-    def after_evaluate(self, server_round: int, arrays: ArrayRecord, ask: Ask) -> None:
-        if not self.wanted or server_round != self.config.train.num_server_rounds:
+    def run(self, server_round: int, arrays: ArrayRecord, ask: Ask) -> None:
+        """The phase, on the final model (``run_rounds``' ``after_last``)."""
+        if not self.wanted:
             return
         if self.config.ood.scores:
             started = time.monotonic()

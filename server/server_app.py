@@ -13,7 +13,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from server.checkpointing import ServerCheckpointer, key_root, server_keyring, source_key_root
-from server.driver import Ask, run_rounds
+from server.driver import run_rounds
 from server.evaluation import GlobalEvaluator
 from server.failures import FailureLog
 from server.outputs import RunOutputs
@@ -95,9 +95,6 @@ def main(grid: Grid, context: Context) -> None:
         config, outputs.run_dir, outputs.add, trainers=list(shift.trainers), evaluators=[r.site for r in shift.roles]
     )
 
-    def after_evaluate(server_round: int, current: ArrayRecord, ask: Ask) -> None:
-        shift.after_evaluate(server_round, current, ask)
-        scenario_phase.after_evaluate(server_round, current, ask)
 
     # Keys: this run's own (configured, or run-local in its folder); a resume reads the
     # source run's with the source run's keys (see server/checkpointing.py).
@@ -160,9 +157,10 @@ def main(grid: Grid, context: Context) -> None:
         before_round=privacy_log.before_round,
         train_sites=shift.train_sites,
         evaluate_sites=shift.evaluate_sites,
-        after_evaluate=after_evaluate,
+        after_evaluate=shift.after_evaluate,
         on_roll_call=shift.on_roll_call,
         message_sink=outputs.log_messages,
+        after_last=scenario_phase.run,
     )
     outputs.write_summary(
         "fedscan run summary",

@@ -402,8 +402,9 @@ class FedscanConfig:
     def binding(self, num_hospitals: int) -> dict[str, Any]:
         """Everything that shapes the run's numbers, as a flat ``{run-config key: value}``.
 
-        The run config (every key but paths and the ``checkpoint.*`` settings, which change
-        no number), the number of hospitals (``num-supernodes``: with quantity skew every
+        The run config (every key but paths, the ``checkpoint.*`` settings and the evaluation-only
+        ``ood.*``, ``robustness.*`` and ``attack.*`` keys, which change no number of the training:
+        a resume from the last round may ask for other OOD and robustness evaluations), the number of hospitals (``num-supernodes``: with quantity skew every
         cohort depends on it) and the data generator's format version. A checkpoint carries
         it; a resume whose binding differs is refused, naming the key and both values.
         """
@@ -412,7 +413,7 @@ class FedscanConfig:
         record = self.to_dict()
         flat: dict[str, Any] = {}
         for key, (section, field, _) in KEYS.items():
-            if section in ("paths", "checkpoint"):
+            if section in ("paths", "checkpoint", "ood", "robustness"):
                 continue
             value = record[field] if section == "top" else record[section][field]
             flat[key] = list(value) if isinstance(value, tuple) else value

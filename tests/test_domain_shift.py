@@ -63,10 +63,17 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "pooled": _start("--hospitals", "3", "-c", f"{TINY} {POOLED} {cache} output-dir='{out['pooled']}'",
                          log=tmp_path / "pooled.log"),
     }
-    for proc in runs.values():
+    _finish(runs["local"])  # one round: done first
+    # The scenarios on a trained model: resume local-only + DP-SGD from its last round with an OOD
+    # and a robustness evaluation it did not have (evaluation-only keys do not bind a resume).
+    evaluation = "ood.scores='energy,mahalanobis' ood.sets='noise,shapes' robustness.noise='0,0.1'"
+    again = _start("--hospitals", "3", "-c", f"{TINY} {LOCAL} {DP_ADVERSARIAL} {evaluation} {cache}",
+                   "-c", f"output-dir='{tmp_path / 'again'}' checkpoint.resume-from='{(out['local'] / 'latest').resolve()}'",
+                   log=tmp_path / "again.log")
+    for proc in (runs["fedbn"], runs["pooled"], again):
         _finish(proc)
     assert _flower_processes() <= before
-    return {name: (path / "latest").resolve() for name, path in out.items()}
+    return {name: (path / "latest").resolve() for name, path in {**out, "again": tmp_path / "again"}.items()}
 
 
 @pytest.mark.e2e
@@ -191,3 +198,22 @@ def test_ood_robustness_and_adversarial_training_run_end_to_end(run: dict[str, P
     assert {"ood_seconds", "robustness_seconds"} <= set(_frame(fedbn, "timings.csv")["metric"])
     report = (fedbn / "privacy_report.html").read_text()
     assert "Out-of-distribution detection" in report and "Robustness" in report
+
+
+@pytest.mark.e2e
+def test_scenarios_run_on_a_trained_model_by_resuming_from_its_last_round(run: dict[str, Path]) -> None:
+    trained, again = run["local"], run["again"]
+    messages = _frame(again, "messages.csv")
+    assert set(messages["phase"]) == {"ood-stats", "ood", "robustness"}  # no hospital trained or evaluated again
+    assert _frame(again, "privacy.csv").equals(_frame(trained, "privacy.csv"))  # not one more step spent
+    # Each hospital evaluated its own restored local model: strength 0 is the trained run's final Dice.
+    curves = _frame(again, "robustness.csv")
+    clean = curves[(curves["strength"] == 0) & (curves["site"] != "all")].set_index(["site", "perturbation"])["value"]
+    final = _final_test_dice(trained)
+    assert len(clean) == 2 * 3  # hospitals 0 and 1 (2 only evaluates), noise, blur and fgsm
+    for (site, _), value in clean.items():
+        assert value == pytest.approx(final[site], abs=1e-6)
+    table = _frame(again, "ood.csv")
+    assert set(table["ood_set"]) == {"noise", "shapes", "unseen-scanner", "near-mixed"}
+    assert set(table["method"]) == {"energy/foreground", "energy/topk", "mahalanobis/global", "mahalanobis/class",
+                                    "mahalanobis/early"}

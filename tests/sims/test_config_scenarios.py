@@ -76,8 +76,11 @@ def test_combinations_that_cannot_work(run_config: dict[str, object], words: str
         config_from_run_config(run_config)
 
 
-def test_scenario_keys_are_part_of_the_binding() -> None:
-    # They change the run's numbers (adversarial training) or outputs: a resume must not mix them.
+def test_adversarial_training_binds_a_resume_and_evaluation_only_keys_do_not() -> None:
+    # Adversarial training changes the trained numbers: a resume must not mix it. The OOD and
+    # robustness keys only choose what is evaluated on the final model: a resume from the last
+    # round may ask for another evaluation (the scenarios on a trained model).
     a = config_from_run_config({}).config_hash(4)
     assert config_from_run_config({"adv-train.ratio": 0.5}).config_hash(4) != a
-    assert config_from_run_config({"attack.kinds": "fgsm"}).config_hash(4) != a
+    for key, value in (("attack.kinds", "fgsm"), ("ood.scores", "all"), ("robustness.blur", "0,1"), ("ood.tpr", 0.9)):
+        assert config_from_run_config({key: value}).config_hash(4) == a, key

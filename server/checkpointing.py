@@ -161,10 +161,20 @@ def _show(value: Any) -> str:
 def binding_mismatch(written: dict[str, Any], wanted: dict[str, Any]) -> str | None:
     """The first setting that differs between two bindings, as a sentence, or ``None``."""
     for key in sorted(set(written) | set(wanted)):
-        if written.get(key) != wanted.get(key):
+        if key not in wanted:  # a key this version no longer binds (None is a value, e.g. a target)
             return (
-                f"it was written with {key} = {_show(written.get(key))}, and this run has "
-                f"{key} = {_show(wanted.get(key))}"
+                f"it was written by a fedscan version that bound {key} = {_show(written[key])}, which this "
+                "version does not bind; resume it with the version that wrote it, or start afresh"
+            )
+        if key not in written:
+            return (
+                f"it was written by a fedscan version that did not bind {key} (this run has {key} = "
+                f"{_show(wanted[key])}); resume it with the version that wrote it, or start afresh"
+            )
+        if written[key] != wanted[key]:
+            return (
+                f"it was written with {key} = {_show(written[key])}, and this run has "
+                f"{key} = {_show(wanted[key])}"
             )
     return None
 

@@ -73,6 +73,19 @@ def test_binding_mismatch_names_the_setting_and_both_values() -> None:
         "it was written with num-supernodes = 4, and this run has num-supernodes = 6"
     )
     assert binding_mismatch(a.binding(4), b.binding(4)) == "it was written with lr = 0.003, and this run has lr = 0.01"
+    # Bindings of another fedscan version: a key only one side binds is named as such.
+    older = {**a.binding(4), "attack.eps": [0.0, 2.0]}
+    assert binding_mismatch(older, a.binding(4)) == (
+        "it was written by a fedscan version that bound attack.eps = [0.0, 2.0], which this version does not "
+        "bind; resume it with the version that wrote it, or start afresh"
+    )
+    newer = {k: v for k, v in a.binding(4).items() if k != "adv-train.ratio"}
+    assert binding_mismatch(newer, a.binding(4)) == (
+        "it was written by a fedscan version that did not bind adv-train.ratio (this run has adv-train.ratio = "
+        "0.0); resume it with the version that wrote it, or start afresh"
+    )
+    none_target = config_from_run_config({"privacy.target-epsilon": "none"}).binding(4)
+    assert binding_mismatch(none_target, none_target) is None  # None is a value, not a missing key
 
 
 def test_failure_log_writes_every_row_and_sums_them_up(tmp_path: Path) -> None:

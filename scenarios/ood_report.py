@@ -31,6 +31,9 @@ from privacy.report import CONFIG_JSON, _Block, _Bullets, _Figure, _Heading, _Pa
 from scenarios.domain_shift_report import _mean_std, _num
 from scenarios.domain_shift_tables import over_seeds, read_config
 from scenarios.ood import selective_dice
+from scenarios.ood_tables import IN, OOD_COLUMNS, OOD_CSV, OOD_SCORES_CSV
+from scenarios.ood_tables import NEAR_MIXED as MIXED
+from scenarios.ood_tables import SCORES_COLUMNS as SCORE_COLUMNS
 from scenarios.robustness_report import (
     load_timings,
     read_table,
@@ -54,10 +57,6 @@ __all__ = [
     "sweep_section",
 ]
 
-OOD_CSV = "ood.csv"
-OOD_SCORES_CSV = "ood_scores.csv"
-OOD_COLUMNS = ("ood_set", "kind", "method", "metric", "value")
-SCORE_COLUMNS = ("site", "ood_set", "kind", "image", "method", "score", "dice")
 ROC_PNG = "ood_roc.png"
 COVERAGE_PNG = "ood_selective.png"
 RUN_FIGURES = (ROC_PNG, COVERAGE_PNG)
@@ -65,8 +64,6 @@ SWEEP_FIGURES: tuple[str, ...] = ()
 """The sweep section draws no figure."""
 
 HEADING = "Out-of-distribution detection"
-IN = "in"
-MIXED = "near-mixed"
 _METHODS_PER_TABLE = 5
 FAR_AUROC, NEAR_AUROC, DICE_GAP = 0.99, 0.90, 0.02
 """Targets: every far set's and every near set's best AUROC at least these; every near set's Dice gap at most."""

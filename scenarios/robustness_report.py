@@ -48,6 +48,7 @@ from privacy.report import (
 )
 from scenarios.domain_shift_report import _mean_std, _num
 from scenarios.domain_shift_tables import over_seeds, read_config, trial_config
+from scenarios.robustness_tables import ALL, ROBUSTNESS_COLUMNS, ROBUSTNESS_CSV
 
 __all__ = [
     "ROBUSTNESS_COLUMNS",
@@ -63,8 +64,6 @@ __all__ = [
     "trial_tables",
 ]
 
-ROBUSTNESS_CSV = "robustness.csv"
-ROBUSTNESS_COLUMNS = ("site", "perturbation", "family", "strength", "unit", "metric", "value", "n")
 _NUMERIC = ("strength", "value", "n")
 STRENGTH_PNG = "robustness_strength.png"
 RUN_FIGURES = (STRENGTH_PNG,)
@@ -73,7 +72,6 @@ SWEEP_FIGURES = (SWEEP_PNG,)
 """PNG files the sweep section may write; a rebuild removes the ones that no longer apply."""
 
 HEADING = "Robustness"
-ALL = "all"
 DICE = "dice_mean"
 ATTACK = "attack"
 NOISE, FGSM, PGD_LINF = "noise", "fgsm", "pgd-linf"

@@ -29,12 +29,11 @@ import pandas as pd
 from flwr.app import ArrayRecord
 from flwr.common.logger import log
 
+from scenarios.robustness_tables import ROBUSTNESS_COLUMNS, ROBUSTNESS_CSV, with_pooled_rows
 from server.driver import Ask
 from server.outputs import MetricRow
 from sims.config import FedscanConfig
 
-ROBUSTNESS_CSV = "robustness.csv"
-ROBUSTNESS_COLUMNS = ("site", "perturbation", "family", "strength", "unit", "metric", "value", "n")
 SCENARIO_SPLIT = "scenario"
 
 
@@ -158,13 +157,6 @@ class ScenarioPhase:
                         "n": int(record["n"]),
                     }
                 )
-        frame = pd.DataFrame(rows, columns=list(ROBUSTNESS_COLUMNS))
-        if not frame.empty:
-            keys = ["perturbation", "family", "strength", "unit", "metric"]
-            weighted = frame.assign(weighted=frame["value"] * frame["n"]).groupby(keys, sort=False)
-            pooled = weighted[["weighted", "n"]].sum().reset_index()
-            pooled["value"] = pooled["weighted"] / pooled["n"]
-            pooled["site"] = "all"
-            frame = pd.concat([frame, pooled[list(ROBUSTNESS_COLUMNS)]], ignore_index=True)
+        frame = with_pooled_rows(pd.DataFrame(rows, columns=list(ROBUSTNESS_COLUMNS)))
         frame.to_csv(self.run_dir / ROBUSTNESS_CSV, index=False, lineterminator="\n")
         log(INFO, "fedscan: robustness curves of %d hospitals -> %s", len(replies), ROBUSTNESS_CSV)

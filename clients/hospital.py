@@ -62,15 +62,23 @@ def _prepared(
 
         rng = make_rng(world.seed, spec.hospital_id, split, "label-noise")
         labels = corrupt_labels(labels, rate=rate, kind=kind, rng=rng, lesion_class=LESION if world.lesions else None)
+    return _standardize(images, mitigation, own_landmarks, standard), labels
+
+
+def _standardize(
+    images: np.ndarray, mitigation: MitigationSpec, own_landmarks: tuple[float, ...], standard: tuple[float, ...]
+) -> np.ndarray:
+    """``images`` under ``mitigation.standardize``: per-image z-score, or histogram standardisation
+    from this hospital's landmarks to the federation's ``standard`` (unchanged until it has one)."""
     if mitigation.standardize == "zscore":
         from scenarios.mitigations import zscore_images
 
-        images = zscore_images(images)
-    elif mitigation.standardize == "histogram" and standard:
+        return zscore_images(images)
+    if mitigation.standardize == "histogram" and standard:
         from scenarios.mitigations import apply_histogram_standardization
 
-        images = apply_histogram_standardization(images, np.asarray(own_landmarks), np.asarray(standard))
-    return images, labels
+        return apply_histogram_standardization(images, np.asarray(own_landmarks), np.asarray(standard))
+    return images
 
 
 def _zscore_batch(x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -312,15 +320,9 @@ class Hospital:
         """``images`` (as a scanner made them) standardised the way :meth:`data` standardises this
         hospital's own (``mitigation.standardize``): what the model sees of a corrupted acquisition."""
         mitigation = self.config.mitigation
-        if mitigation.standardize == "zscore":
-            from scenarios.mitigations import zscore_images
-
-            return zscore_images(images)
-        if mitigation.standardize == "histogram" and self.hist_standard:
-            from scenarios.mitigations import apply_histogram_standardization
-
-            return apply_histogram_standardization(images, self.landmarks(), np.asarray(self.hist_standard))
-        return images
+        histogram = mitigation.standardize == "histogram" and self.hist_standard
+        own = tuple(float(v) for v in self.landmarks()) if histogram else ()
+        return _standardize(images, mitigation, own, self.hist_standard)
 
     def feature_stats(self, model: torch.nn.Module) -> FeatureStats:
         """Sufficient statistics (count, sum, sum of outer products; per image class) of the model's
